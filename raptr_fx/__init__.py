@@ -1,0 +1,18 @@
+"""raptr_fx: RaPTr (Random Part Training) for any PyTorch model, in two lines.
+
+    ctl = raptr_fx.transform(model, "6-8-10-12", total_steps=10_000)
+    ctl.attach(optimizer)
+"""
+
+from .controller import Controller, restore, transform
+from .discovery import Block, Discovery, discover, find_blocks
+from .errors import RaptrError, TracingError
+from .schedules import (FullModel, LayerDrop, ProgressiveLayerDrop, RaPTr, Schedule, Stage,
+                        StagePlan, StochasticDepth, plan)
+
+__all__ = [
+    "Block", "Controller", "Discovery", "FullModel", "LayerDrop", "ProgressiveLayerDrop", "RaPTr",
+    "RaptrError", "Schedule", "Stage", "StagePlan", "StochasticDepth", "TracingError", "discover",
+    "find_blocks", "plan", "restore", "transform",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,255 @@
+"""``transform``: the adoption half of raptr_fx, and the stage controller it returns."""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .discovery import Block, discover, no_blocks_error
+from .errors import RaptrError
+from .gates import GatedForward, GateState, install_gate, remove_gates
+from .schedules import RaPTr, Schedule, StagePlan, overall_compute, plan
+
+__all__ = ["Controller", "transform", "restore"]
+
+log = logging.getLogger("raptr_fx")
+
+ScalingRule = str | Callable[[float], float]
+
+
+class Controller:
+    """Drives the gates of a transformed model: one decision set per optimizer step.
+
+    Decisions for step t come from (seed, t) alone, so every DDP rank drops the same
+    units with no communication, and a resumed run replays the same gate sequence.
+
+    Example:
+        >>> ctl = raptr_fx.transform(model, "6-8-10-12", total_steps=10_000)
+        >>> ctl.attach(optimizer)   # steps itself after optimizer.step(); dropped units not updated
+        >>> for batch in loader:
+        ...     loss = model(batch).loss; loss.backward(); optimizer.step(); optimizer.zero_grad()
+    """
+
+    def __init__(self, model: nn.Module, blocks: Sequence[Block], schedule: Schedule,
+                 scaling: ScalingRule, seed: int):
+        self.model = model
+        self.blocks = list(blocks)
+        self.schedule = schedule
+        self.seed = seed
+        self.scaling = _scaling_function(scaling)
+        self._state = GateState(len(self.blocks))
+        self._hooks: list[Any] = []
+        self._step = 0
+        modules = dict(model.named_modules())
+        self._params = [[p for p in modules[b.name].parameters()] for b in self.blocks]
+        for i, block in enumerate(self.blocks):
+            install_gate(modules[block.name], block, i, self._state, scaled=scaling != "none")
+        self._apply()
+
+    # -- the step ------------------------------------------------------------------------
+    def step(self) -> None:
+        """Advance to the next optimizer step and draw its subnetwork."""
+        previous = self.stage
+        self._step += 1
+        self._apply()
+        if self.stage != previous:
+            row = self.plan()[self.stage]
+            log.info("raptr_fx: step %d enters stage %d: %.1f of %d units active, %.0f%% of unit compute",
+                     self._step, self.stage, row.active, len(self.blocks), 100 * row.compute)
+
+    def _apply(self) -> None:
+        keep_p = self.schedule.keep_probabilities(self._step, len(self.blocks))
+        keep = self._sample(keep_p)
+        scale = [self.scaling(p) if k and p < 1.0 else 1.0 for k, p in zip(keep, keep_p)]
+        self._state.set(keep, scale)
+
+    def _sample(self, keep_p: list[float]) -> list[bool]:
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self._step) % (2**63))
+        if self.schedule.sampling == "exact":
+            fixed = self.schedule.fixed(len(keep_p))
+            free = [i for i in range(len(keep_p)) if i not in fixed]
+            # p * |free| units drawn without replacement: constant cost, balanced across ranks.
+            count = round(sum(keep_p[i] for i in free))
+            chosen = {free[j] for j in torch.randperm(len(free), generator=generator)[:count].tolist()}
+            return [i in fixed or i in chosen for i in range(len(keep_p))]
+        draws = torch.rand(len(keep_p), generator=generator).tolist()
+        return [u < p for u, p in zip(draws, keep_p)]
+
+    # -- what users read -------------------------------------------------------------------
+    @property
+    def step_count(self) -> int:
+        """Optimizer steps taken so far."""
+        return self._step
+
+    @property
+    def stage(self) -> int:
+        return self.schedule.stage_index(self._step)
+
+    @property
+    def active(self) -> list[bool]:
+        """This step's decision per unit (True: runs)."""
+        return list(self._state.keep)
+
+    @property
+    def active_blocks(self) -> list[str]:
+        return [b.name for b, k in zip(self.blocks, self._state.keep) if k]
+
+    def plan(self) -> list[StagePlan]:
+        """Per-stage expected compute, weighted by FLOPs share when known, else by parameters."""
+        if all(b.flops_share is not None for b in self.blocks):
+            weights = [b.flops_share for b in self.blocks]
+        else:
+            weights = [float(b.params) for b in self.blocks]
+        return plan(self.schedule, len(self.blocks), weights)
+
+    @property
+    def expected_compute(self) -> float | None:
+        """Share of the units' compute that runs over the whole schedule (None if open-ended)."""
+        return overall_compute(self.plan())
+
+    # -- optimizer -------------------------------------------------------------------------
+    def attach(self, optimizer: torch.optim.Optimizer, *, freeze_dropped: bool = True,
+               step_with_optimizer: bool = True) -> "Controller":
+        """Hook into ``optimizer``.
+
+        Args:
+            freeze_dropped: units dropped this step are not updated (their grads are set to None
+                before ``optimizer.step()``, which built-in optimizers skip). Without it, zero
+                gradients would still move them through Adam momentum and weight decay.
+            step_with_optimizer: call :meth:`step` after every ``optimizer.step()``.
+        """
+        if freeze_dropped:
+            self._hooks.append(optimizer.register_step_pre_hook(lambda *_: self.release_dropped_grads()))
+        if step_with_optimizer:
+            self._hooks.append(optimizer.register_step_post_hook(lambda *_: self.step()))
+        return self
+
+    def release_dropped_grads(self) -> None:
+        """Set the gradients of this step's dropped units to None (shared parameters excepted)."""
+        running = {id(p) for params, k in zip(self._params, self._state.keep) if k for p in params}
+        for params, k in zip(self._params, self._state.keep):
+            if not k:
+                for p in params:
+                    if id(p) not in running:
+                        p.grad = None
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self._step, "seed": self.seed, "blocks": [b.name for b in self.blocks]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        names = [b.name for b in self.blocks]
+        if state.get("blocks", names) != names:
+            raise RaptrError(f"checkpoint was made for units {state['blocks']}, this model has {names}")
+        self.seed = int(state["seed"])
+        self._step = int(state["step"])
+        self._apply()
+
+    # -- undo --------------------------------------------------------------------------------
+    def remove(self) -> nn.Module:
+        """Take the gates and optimizer hooks off; the model behaves exactly as before."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        remove_gates(self.model)
+        return self.model
+
+
+def _scaling_function(scaling: ScalingRule) -> Callable[[float], float]:
+    if callable(scaling):
+        return scaling
+    if scaling == "inverse":
+        return lambda p: 1.0 / p
+    if scaling == "none":
+        return lambda p: 1.0
+    raise ValueError(f"scaling must be 'inverse', 'none' or a callable keep_prob -> factor, got {scaling!r}")
+
+
+def _refuse_wrapped(model: nn.Module) -> None:
+    wrapper = None
+    if hasattr(model, "_orig_mod"):
+        wrapper, fix = "torch.compile", "model = raptr_fx.transform(model, ...) first, then torch.compile(model)"
+    elif isinstance(model, nn.parallel.DistributedDataParallel) or type(model).__name__ in (
+            "FullyShardedDataParallel", "DataParallel"):
+        wrapper, fix = type(model).__name__, "transform the bare model first, then wrap it"
+    if wrapper:
+        raise RaptrError(f"the model is already wrapped by {wrapper}: {fix}")
+    if any(isinstance(m.__dict__.get("forward"), GatedForward) for m in model.modules()):
+        raise RaptrError("the model is already transformed: call controller.remove() "
+                         "(or raptr_fx.restore(model)) before transforming it again")
+
+
+def _select(blocks: list[Block], include: Iterable[str] | None, exclude: Iterable[str] | None) -> list[Block]:
+    by_name = {b.name: b for b in blocks}
+    chosen = [b for b in blocks if b.droppable]
+    if include is not None:
+        patterns = list(include)
+        for pattern in patterns:
+            matched = [b for b in blocks if fnmatch.fnmatchcase(b.name, pattern)]
+            if not matched:
+                raise ValueError(f"include pattern {pattern!r} matches no unit; units are {list(by_name)}")
+            bad = next((b for b in matched if not b.droppable), None)
+            if bad is not None:
+                raise ValueError(f"include pattern {pattern!r} names {bad.name}, which cannot be dropped: {bad.reason}")
+        chosen = [b for b in chosen if any(fnmatch.fnmatchcase(b.name, p) for p in patterns)]
+    for pattern in exclude or ():
+        if not any(fnmatch.fnmatchcase(b.name, pattern) for b in blocks):
+            raise ValueError(f"exclude pattern {pattern!r} matches no unit; units are {list(by_name)}")
+        chosen = [b for b in chosen if not fnmatch.fnmatchcase(b.name, pattern)]
+    return chosen
+
+
+def transform(
+    model: nn.Module,
+    schedule: Schedule | str,
+    *,
+    example_inputs: Any = None,
+    total_steps: int | None = None,
+    scaling: ScalingRule | None = None,
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] | None = None,
+    granularity: str = "layer",
+    seed: int = 0,
+    **tracer_options: Any,
+) -> Controller:
+    """Turn ``model`` into a RaPTr model in place and return its stage controller.
+
+    Args:
+        model: the bare model (before ``torch.compile`` / DDP). It keeps its class, methods,
+            parameters and state_dict keys; ``controller.remove()`` undoes everything.
+        schedule: a :class:`Schedule` or a RaPTr string like ``"6-8-10-12"`` (needs ``total_steps``).
+        example_inputs: tuple / dict / tensor; needed for models symbolic tracing cannot handle.
+        scaling: ``"inverse"`` (1/p on a kept unit's update), ``"none"`` or a callable
+            ``keep_prob -> factor``; default: the schedule's own convention.
+        include / exclude: unit names or glob patterns (``"transformer.h.*"``).
+        seed: decisions for step t depend on (seed, t) only.
+
+    Example:
+        >>> ctl = raptr_fx.transform(model, "6-8-10-12", total_steps=10_000)
+        >>> ctl.attach(optimizer)
+    """
+    _refuse_wrapped(model)
+    if isinstance(schedule, str):
+        schedule = RaPTr(schedule, total_steps=total_steps)
+    elif not isinstance(schedule, Schedule):
+        raise ValueError(f"schedule must be a raptr_fx Schedule or a string like '6-8-10-12', got {schedule!r}")
+    scaling = schedule.scaling if scaling is None else scaling
+    _scaling_function(scaling)
+    discovery = discover(model, example_inputs, granularity=granularity, **tracer_options)
+    blocks = _select(discovery.blocks, include, exclude)
+    if not blocks:
+        if not discovery.droppable:
+            raise no_blocks_error(discovery)
+        raise ValueError("include/exclude left no unit to gate")
+    schedule.validate(len(blocks))
+    return Controller(model, blocks, schedule, scaling, seed)
+
+
+def restore(model: nn.Module) -> nn.Module:
+    """Remove every raptr_fx gate from ``model`` (optimizer hooks stay; prefer ``controller.remove()``)."""
+    remove_gates(model)
+    return model

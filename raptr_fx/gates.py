@@ -1,0 +1,146 @@
+"""Gates: per-module forward overrides that really skip a unit's compute.
+
+A gate replaces ``module.forward`` on the instance only (the class, parameters,
+buffers and state_dict keys are untouched) and reads its decision from a shared
+:class:`GateState`:
+
+* eager: a plain Python ``if`` on host booleans, so eager training pays no
+  compile machinery;
+* under ``torch.compile``: ``torch.cond`` on a CPU bool tensor that the
+  controller updates in place, so one graph serves every gate pattern;
+* evaluation mode: the original forward, bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .discovery import Block
+
+__all__ = ["GateState", "GatedForward", "install_gate", "remove_gates"]
+
+
+class GateState:
+    """The decisions of one optimizer step, shared by every gate of a model."""
+
+    def __init__(self, num_blocks: int):
+        self.keep = [True] * num_blocks  # host copy read by eager gates
+        self.scale = [1.0] * num_blocks
+        # Read by compiled graphs as inputs; updated in place, so no recompilation. On the
+        # host: torch.cond reads a CPU predicate without a device sync.
+        self.keep_tensor = torch.ones(num_blocks, dtype=torch.bool)
+        self.scale_tensor = torch.ones(num_blocks, dtype=torch.float32)
+
+    def set(self, keep: list[bool], scale: list[float]) -> None:
+        self.keep[:] = keep
+        self.scale[:] = scale
+        self.keep_tensor.copy_(torch.tensor(keep, dtype=torch.bool))
+        self.scale_tensor.copy_(torch.tensor(scale, dtype=torch.float32))
+
+
+class _ZeroGradients(torch.autograd.Function):
+    """A scalar zero whose backward gives each parameter a zero gradient.
+
+    Added to a skipped unit's output so DDP's reducer sees every parameter used,
+    without ``find_unused_parameters=True`` and without running the unit.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, like: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        ctx.shapes = [(p.shape, p.dtype, p.device) for p in params]
+        return like.new_zeros(())
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        return (None, *(torch.zeros(s, dtype=d, device=v) for s, d, v in ctx.shapes))
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+class GatedForward:
+    """Stands in for ``module.forward``; see the module docstring."""
+
+    def __init__(self, module: nn.Module, block: Block, index: int, state: GateState, scaled: bool):
+        self.module = module
+        self.block = block
+        self.index = index
+        self.state = state
+        self.scaled = scaled  # False: scaling is "none", so no arithmetic is emitted at all
+        self.original: Callable[..., Any] = module.forward
+        self.instance_forward = module.__dict__.get("forward")  # the user's own override, if any
+        self.params = [p for p in module.parameters() if p.requires_grad]
+
+    def stream(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        position = self.block.stream_position
+        if position is not None and len(args) > position:
+            return args[position]
+        return kwargs[self.block.stream_name]
+
+    def with_stream(self, args: tuple, kwargs: dict, x: torch.Tensor) -> tuple[tuple, dict]:
+        position = self.block.stream_position
+        if position is not None and len(args) > position:
+            return (*args[:position], x, *args[position + 1:]), kwargs
+        return args, {**kwargs, self.block.stream_name: x}
+
+    def rescale(self, x: torch.Tensor, out: torch.Tensor, scale: Any) -> torch.Tensor:
+        if self.block.drop == "identity":
+            return x + (out - x) * scale  # scale the unit's residual update
+        return out * scale  # scale the branch
+
+    def skipped(self, x: torch.Tensor) -> torch.Tensor:
+        out = x if self.block.drop == "identity" else torch.zeros_like(x)
+        if self.params and torch.is_grad_enabled() and _distributed():
+            out = out + _ZeroGradients.apply(x, *self.params)
+        return out
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.module.training:
+            return self.original(*args, **kwargs)
+        if torch.compiler.is_compiling():
+            return self.compiled(args, kwargs)
+        x = self.stream(args, kwargs)
+        if not self.state.keep[self.index]:
+            return self.skipped(x)
+        out = self.original(*args, **kwargs)
+        scale = self.state.scale[self.index]
+        return out if scale == 1.0 or not self.scaled else self.rescale(x, out, scale)
+
+    def compiled(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        index = self.index
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            call_args, call_kwargs = self.with_stream(args, kwargs, x)
+            out = self.original(*call_args, **call_kwargs)
+            if self.scaled:
+                scale = self.state.scale_tensor[index]
+                out = torch.where(scale == 1.0, out, self.rescale(x, out, scale.to(out.dtype)))
+            return out
+
+        def skip(x: torch.Tensor) -> torch.Tensor:
+            # torch.cond branches may not return an input as is.
+            return x.clone() if self.block.drop == "identity" else torch.zeros_like(x)
+
+        return torch.cond(self.state.keep_tensor[index], run, skip, (self.stream(args, kwargs),))
+
+
+def install_gate(module: nn.Module, block: Block, index: int, state: GateState, scaled: bool) -> None:
+    module.forward = GatedForward(module, block, index, state, scaled)
+
+
+def remove_gates(model: nn.Module) -> int:
+    """Remove every gate from ``model``; returns how many were removed."""
+    removed = 0
+    for module in model.modules():
+        gate = module.__dict__.get("forward")
+        if isinstance(gate, GatedForward):
+            del module.forward
+            if gate.instance_forward is not None:
+                module.forward = gate.instance_forward
+            removed += 1
+    return removed

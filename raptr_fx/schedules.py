@@ -1,0 +1,272 @@
+"""Schedules: which units may run at each step.
+
+A schedule maps (step, number of units L) to one keep probability per unit; the
+controller samples the decisions. RaPTr is stagewise (a subnetwork that grows);
+the prior methods are schedules of the same machinery so they can be compared
+on the same model:
+
+===========================  =====================================  ===========
+schedule                     keep probability of unit i at step t   scaling
+===========================  =====================================  ===========
+RaPTr "6-8-10-12"            1 for i in I, else (k - |I|)/(L - |I|)  none
+ProgressiveLayerDrop         1 - i/L * (1 - theta(t))               inverse
+StochasticDepth              1 - drop_rate * i/(L - 1)              inverse
+LayerDrop                    1 - p                                  none
+FullModel                    1                                      none
+===========================  =====================================  ===========
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+__all__ = [
+    "Stage", "Schedule", "RaPTr", "ProgressiveLayerDrop", "StochasticDepth", "LayerDrop", "FullModel",
+    "StagePlan", "plan", "overall_compute",
+]
+
+Sampling = Literal["bernoulli", "exact"]
+Scaling = Literal["inverse", "none"]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One RaPTr stage: its length and the size of the subnetwork.
+
+    Give ``active`` (k, the expected number of running units, as in "6-8-10-12")
+    or ``keep`` (p, the keep probability of each unit outside the fixed set).
+    """
+
+    steps: int  # length of the stage in optimizer steps
+    active: float | None = None  # k: expected number of active units (fixed ones included)
+    keep: float | None = None  # p: keep probability of each non-fixed unit
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.steps, int) or self.steps <= 0:
+            raise ValueError(f"Stage.steps must be a positive int, got {self.steps!r}")
+        if (self.active is None) == (self.keep is None):
+            raise ValueError(f"give exactly one of Stage.active or Stage.keep, got active={self.active!r}, "
+                             f"keep={self.keep!r}")
+        if self.keep is not None and not 0.0 < self.keep <= 1.0:
+            raise ValueError(f"Stage.keep must be in (0, 1], got {self.keep!r}")
+        if self.active is not None and self.active <= 0:
+            raise ValueError(f"Stage.active must be positive, got {self.active!r}")
+
+
+class Schedule:
+    """Base class: subclasses define :meth:`keep_probabilities` (and stages, if any)."""
+
+    sampling: Sampling = "bernoulli"
+    scaling: Scaling = "none"  # the method's own rescaling convention
+
+    def validate(self, num_units: int) -> None:
+        """Raise ValueError if the schedule cannot run on ``num_units`` units."""
+
+    def keep_probabilities(self, step: int, num_units: int) -> list[float]:
+        raise NotImplementedError
+
+    def fixed(self, num_units: int) -> frozenset[int]:
+        """Units that always run (the fixed set I)."""
+        return frozenset()
+
+    def stage_index(self, step: int) -> int:
+        return 0
+
+    def stage_bounds(self) -> list[tuple[int, int | None]]:
+        """(first step, end step) of each stage; end None means open-ended."""
+        return [(0, None)]
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+
+def _parse(spec: str) -> list[float]:
+    try:
+        values = [float(part) for part in spec.split("-")]
+    except ValueError:
+        raise ValueError(f"schedule {spec!r} is not of the form '6-8-10-12' (active units per stage)") from None
+    return values
+
+
+@dataclass(frozen=True)
+class RaPTr(Schedule):
+    """Random Part Training: stages whose random subnetwork grows until the full model trains.
+
+    Example:
+        >>> RaPTr("6-8-10-12", total_steps=100_000)  # four equal stages on a 12-unit model
+        >>> RaPTr([Stage(1000, keep=1.0), Stage(4000, active=6), Stage(5000, active=12)])
+    """
+
+    stages: str | Sequence[Stage]  # "6-8-10-12" (needs total_steps) or explicit Stage list
+    total_steps: int | None = None  # equal-length stages when stages is a string
+    fixed_units: Literal["ends"] | Sequence[int] = "ends"  # I: "ends" = first and last unit, as in the paper
+    sampling: Sampling = "bernoulli"  # "bernoulli": unit i kept with prob p; "exact": exactly k run
+    scaling: Scaling = "none"  # see README: inverse (1/p) measured worse here
+    resolved: tuple[Stage, ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.sampling not in ("bernoulli", "exact"):
+            raise ValueError(f"sampling must be 'bernoulli' or 'exact', got {self.sampling!r}")
+        if self.total_steps is not None and (not isinstance(self.total_steps, int) or self.total_steps <= 0):
+            raise ValueError(f"total_steps must be a positive int, got {self.total_steps!r}")
+        if isinstance(self.stages, str):
+            if self.total_steps is None:
+                raise ValueError(f"schedule {self.stages!r} needs total_steps to set the stage lengths")
+            sizes = _parse(self.stages)
+            if self.total_steps < len(sizes):
+                raise ValueError(f"total_steps={self.total_steps} is shorter than the {len(sizes)} stages")
+            base, extra = divmod(self.total_steps, len(sizes))
+            # Spread the remainder over the last stages, so the full model gets the extra steps.
+            lengths = [base + (1 if i >= len(sizes) - extra else 0) for i in range(len(sizes))]
+            resolved = tuple(Stage(n, active=k) for n, k in zip(lengths, sizes))
+        else:
+            resolved = tuple(self.stages)
+            if not resolved or not all(isinstance(s, Stage) for s in resolved):
+                raise ValueError(f"stages must be a string like '6-8-10-12' or a list of Stage, got {self.stages!r}")
+            covered = sum(s.steps for s in resolved)
+            if self.total_steps is not None and covered != self.total_steps:
+                raise ValueError(f"stages cover {covered} steps but total_steps={self.total_steps}")
+        object.__setattr__(self, "resolved", resolved)
+        if not isinstance(self.fixed_units, str):
+            object.__setattr__(self, "fixed_units", tuple(self.fixed_units))
+        elif self.fixed_units != "ends":
+            raise ValueError(f"fixed_units must be 'ends' or a list of unit indices, got {self.fixed_units!r}")
+
+    def fixed(self, num_units: int) -> frozenset[int]:
+        if self.fixed_units == "ends":
+            return frozenset({0, num_units - 1})
+        return frozenset(i % num_units if i < 0 else i for i in self.fixed_units)
+
+    def validate(self, num_units: int) -> None:
+        if not isinstance(self.fixed_units, str):
+            bad = [i for i in self.fixed_units if not -num_units <= i < num_units]
+            if bad:
+                raise ValueError(f"fixed unit {bad[0]} is outside the model's {num_units} units")
+        fixed = len(self.fixed(num_units))
+        for stage in self.resolved:
+            if stage.active is not None and not fixed <= stage.active <= num_units:
+                raise ValueError(f"stage active={stage.active:g} is outside [{fixed}, {num_units}]: "
+                                 f"the model has {num_units} units, {fixed} of them always on")
+
+    def stage_keep(self, stage: Stage, num_units: int) -> float:
+        if stage.keep is not None:
+            return stage.keep
+        fixed = len(self.fixed(num_units))
+        return 1.0 if num_units == fixed else (stage.active - fixed) / (num_units - fixed)
+
+    def stage_bounds(self) -> list[tuple[int, int | None]]:
+        bounds, start = [], 0
+        for stage in self.resolved:
+            bounds.append((start, start + stage.steps))
+            start += stage.steps
+        return bounds
+
+    def stage_index(self, step: int) -> int:
+        for i, (_, end) in enumerate(self.stage_bounds()):
+            if step < end:
+                return i
+        return len(self.resolved) - 1  # past the end: keep training with the last stage
+
+    def keep_probabilities(self, step: int, num_units: int) -> list[float]:
+        p = self.stage_keep(self.resolved[self.stage_index(step)], num_units)
+        fixed = self.fixed(num_units)
+        return [1.0 if i in fixed else p for i in range(num_units)]
+
+    def describe(self) -> str:
+        if isinstance(self.stages, str):
+            return f"RaPTr {self.stages}"
+        return "RaPTr " + "-".join(f"{s.active:g}" if s.active is not None else f"p{s.keep:g}" for s in self.resolved)
+
+
+@dataclass(frozen=True)
+class ProgressiveLayerDrop(Schedule):
+    """Progressive Layer Dropping (Zhang & He 2020): capacity shrinks over time, deeper units first.
+
+    theta(t) = (1 - theta_bar) * exp(-gamma * t) + theta_bar; unit i keeps with 1 - i/L * (1 - theta(t)).
+    """
+
+    theta_bar: float = 0.5  # the keep-probability floor (recommended 0.5)
+    gamma: float = 0.001  # decay rate per step (recommended 0.001)
+    scaling: Scaling = "inverse"
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.theta_bar <= 1.0:
+            raise ValueError(f"theta_bar must be in (0, 1], got {self.theta_bar!r}")
+        if self.gamma < 0:
+            raise ValueError(f"gamma must be >= 0, got {self.gamma!r}")
+
+    def keep_probabilities(self, step: int, num_units: int) -> list[float]:
+        theta = (1.0 - self.theta_bar) * math.exp(-self.gamma * step) + self.theta_bar
+        return [1.0 - i / num_units * (1.0 - theta) for i in range(num_units)]
+
+
+@dataclass(frozen=True)
+class StochasticDepth(Schedule):
+    """Stochastic depth (Huang et al. 2016): drop rate rising linearly with depth, constant in time."""
+
+    drop_rate: float = 0.1  # drop probability of the deepest unit
+    scaling: Scaling = "inverse"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise ValueError(f"drop_rate must be in [0, 1), got {self.drop_rate!r}")
+
+    def keep_probabilities(self, step: int, num_units: int) -> list[float]:
+        return [1.0 - self.drop_rate * i / max(num_units - 1, 1) for i in range(num_units)]
+
+
+@dataclass(frozen=True)
+class LayerDrop(Schedule):
+    """LayerDrop (Fan et al. 2019): every unit dropped with the same constant probability, no rescaling."""
+
+    p: float = 0.2  # drop probability of each unit
+    scaling: Scaling = "none"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.p < 1.0:
+            raise ValueError(f"LayerDrop p must be in [0, 1), got {self.p!r}")
+
+    def keep_probabilities(self, step: int, num_units: int) -> list[float]:
+        return [1.0 - self.p] * num_units
+
+
+@dataclass(frozen=True)
+class FullModel(Schedule):
+    """Every unit, every step: the baseline, through the same machinery."""
+
+    def keep_probabilities(self, step: int, num_units: int) -> list[float]:
+        return [1.0] * num_units
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """One row of a schedule's expected-compute table."""
+
+    stage: int
+    start: int  # first step
+    steps: int | None  # length; None when open-ended
+    active: float  # expected number of running units
+    keep: list[float]  # keep probability per unit
+    compute: float  # expected share of the units' compute that runs (weights: FLOPs or params)
+
+
+def plan(schedule: Schedule, num_units: int, weights: Sequence[float] | None = None) -> list[StagePlan]:
+    """Expected compute per stage; ``weights`` are the units' costs (FLOPs share, else parameters)."""
+    schedule.validate(num_units)
+    weights = list(weights) if weights is not None else [1.0] * num_units
+    total = sum(weights) or 1.0
+    rows = []
+    for i, (start, end) in enumerate(schedule.stage_bounds()):
+        keep = schedule.keep_probabilities(start, num_units)
+        compute = sum(p * w for p, w in zip(keep, weights)) / total
+        rows.append(StagePlan(i, start, None if end is None else end - start, sum(keep), keep, compute))
+    return rows
+
+
+def overall_compute(rows: Sequence[StagePlan]) -> float | None:
+    """Step-weighted compute share over all stages; None for open-ended schedules."""
+    if any(r.steps is None for r in rows):
+        return None
+    return sum(r.compute * r.steps for r in rows) / sum(r.steps for r in rows)

@@ -1,0 +1,250 @@
+"""Front-end: turn a model into one torch.fx graph annotated with module scopes.
+
+Two tracers, tried in order:
+
+1. ``torch.fx`` symbolic tracing: needs no inputs; tracer options pass through.
+2. ``torch.export`` (non-strict): needs example inputs; works on models that
+   symbolic tracing cannot handle (Hugging Face transformers 5 among them).
+
+Both produce a graph whose nodes carry ``meta["nn_module_stack"]``. The rest of
+raptr_fx only sees :class:`TracedModel`, never which tracer made it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+from torch import fx, nn
+
+from .errors import TracingError
+
+__all__ = ["TracedModel", "trace", "normalize_example_inputs"]
+
+# Ops that read a tensor's metadata, not its values: data does not flow through them.
+_SHAPE_METHODS = {"size", "dim", "numel", "stride", "type", "get_device", "is_contiguous"}
+_SHAPE_ATTRS = {"shape", "ndim", "dtype", "device", "is_cuda", "requires_grad", "layout"}
+_SHAPE_ATEN = {"sym_size", "sym_numel", "sym_stride", "sym_storage_offset", "_assert_tensor_metadata"}
+
+_TRACER_OPTIONS = {"leaf_modules", "autowrap_functions", "autowrap_modules", "concrete_args"}
+
+ExampleInputs = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+@dataclass
+class TracedModel:
+    """A traced graph plus what the analysis needs to know about each node."""
+
+    graph: fx.Graph
+    tracer: str  # "torch.fx" or "torch.export"
+    scopes: dict[fx.Node, tuple[str, ...]]  # qualified names of the modules a node runs in, outer first
+    param_uses: dict[fx.Node, frozenset[str]]  # parameters a node reads directly
+    user_inputs: list[fx.Node]  # placeholders fed by the caller (not parameters, buffers, constants)
+    user_outputs: list[fx.Node]  # what the model returns (not buffer updates)
+    call_counts: Counter[str]  # how often each module ran in one forward
+    # module name -> the graph node passed as each argument of its (single) call; torch.fx only
+    call_args: dict[str, dict[int | str, fx.Node]] = field(default_factory=dict)
+    # module name -> whether its call returned one tensor (False: a tuple/dict); torch.fx only
+    returns_tensor: dict[str, bool] = field(default_factory=dict)
+
+    def is_value(self, node: fx.Node) -> bool:
+        """True for nodes that carry tensor data (not parameters, constants or shapes)."""
+        if node.op in ("get_attr", "output") or is_shape_query(node):
+            return False
+        if node.op == "placeholder" and node not in self.user_inputs:
+            return False
+        val = node.meta.get("val")
+        return val is None or isinstance(val, torch.Tensor)
+
+    def is_float(self, node: fx.Node) -> bool:
+        """False only when the node is known to hold integers or booleans (ids, masks)."""
+        val = node.meta.get("val")
+        return not isinstance(val, torch.Tensor) or val.dtype.is_floating_point
+
+
+def normalize_example_inputs(example_inputs: Any) -> ExampleInputs | None:
+    """Accept a tensor, a tuple/list of positional args, or a dict of keyword args."""
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    return (example_inputs,), {}
+
+
+def is_shape_query(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _SHAPE_METHODS
+    if node.op == "call_function":
+        if node.target is getattr:
+            return len(node.args) > 1 and node.args[1] in _SHAPE_ATTRS
+        if node.target is len:
+            return True
+        name = getattr(node.target, "__name__", "")
+        return name.split(".")[0] in _SHAPE_ATEN
+    return False
+
+
+class _RecordingTracer(fx.Tracer):
+    """A symbolic tracer that also records every module call's arguments and result."""
+
+    def __init__(self, extra_leaf_modules: Iterable[type[nn.Module]] = (), **kwargs: Any):
+        super().__init__(**kwargs)
+        self.extra_leaf_modules = tuple(extra_leaf_modules)
+        self.call_counts: Counter[str] = Counter()
+        self.call_args: dict[str, dict[int | str, fx.Node]] = {}
+        self.returns_tensor: dict[str, bool] = {}
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if self.extra_leaf_modules and isinstance(m, self.extra_leaf_modules):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m, forward, args, kwargs):  # type: ignore[override]
+        name = self.path_of_module(m)
+        self.call_counts[name] += 1
+        if self.call_counts[name] == 1:
+            nodes: dict[int | str, fx.Node] = {}
+            for key, value in [*enumerate(args), *kwargs.items()]:
+                if isinstance(value, fx.Proxy):
+                    nodes[key] = value.node
+            self.call_args[name] = nodes
+        result = super().call_module(m, forward, args, kwargs)
+        self.returns_tensor.setdefault(name, isinstance(result, fx.Proxy))
+        return result
+
+
+def _scope(node: fx.Node, prefix: str = "") -> tuple[str, ...]:
+    """Module names a node runs in, outer first; a module's second call is named ``name@1``."""
+    scope = []
+    for key, (path, _) in node.meta.get("nn_module_stack", {}).items():
+        path = path[len(prefix):] if path.startswith(prefix) else ""
+        if path:
+            call = key.rpartition("@")[2] if "@" in key else ""
+            scope.append(f"{path}@{call}" if call.isdigit() else path)
+    return tuple(scope)
+
+
+def _trace_symbolic(model: nn.Module, tracer_options: dict[str, Any]) -> TracedModel:
+    options = dict(tracer_options)
+    concrete_args = options.pop("concrete_args", None)
+    tracer = _RecordingTracer(
+        extra_leaf_modules=options.pop("leaf_modules", ()),
+        autowrap_functions=tuple(options.pop("autowrap_functions", ())),
+        autowrap_modules=(math, *options.pop("autowrap_modules", ())),
+    )
+    graph = tracer.trace(model, concrete_args=concrete_args)
+    params = dict(model.named_parameters())
+    modules = dict(model.named_modules())
+    param_uses: dict[fx.Node, frozenset[str]] = {}
+    for node in graph.nodes:
+        used: set[str] = set()
+        if node.op == "call_module":
+            used = {f"{node.target}.{n}" for n, _ in modules[node.target].named_parameters()}
+        elif node.op == "get_attr" and node.target in params:
+            used = {node.target}
+        for arg in node.all_input_nodes:
+            if arg.op == "get_attr" and arg.target in params:
+                used.add(arg.target)
+        param_uses[node] = frozenset(used)
+    scopes = {n: _scope(n) for n in graph.nodes}
+    output = next(n for n in graph.nodes if n.op == "output")
+    return TracedModel(
+        graph=graph,
+        tracer="torch.fx",
+        scopes=scopes,
+        param_uses=param_uses,
+        user_inputs=[n for n in graph.nodes if n.op == "placeholder"],
+        user_outputs=list(output.all_input_nodes),
+        call_counts=tracer.call_counts,
+        call_args=tracer.call_args,
+        returns_tensor=tracer.returns_tensor,
+    )
+
+
+class _TensorOutputs(nn.Module):
+    """Returns only the tensors of a model's output: export rejects cache objects and other types."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.wrapped = model
+
+    def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
+        return tuple(_tensors(self.wrapped(*args, **kwargs)))
+
+
+def _tensors(value: Any) -> Iterable[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _tensors(item)
+
+
+def _trace_export(model: nn.Module, inputs: ExampleInputs) -> TracedModel:
+    args, kwargs = inputs
+    program = torch.export.export(_TensorOutputs(model), args, kwargs, strict=False)
+    graph = program.graph
+    signature = program.graph_signature
+    prefix = "wrapped."
+    param_of = {node: name.removeprefix(prefix) for node, name in signature.inputs_to_parameters.items()}
+    param_uses: dict[fx.Node, frozenset[str]] = {}
+    for node in graph.nodes:
+        used = {param_of[node.name]} if node.op == "placeholder" and node.name in param_of else set()
+        used |= {param_of[a.name] for a in node.all_input_nodes if a.op == "placeholder" and a.name in param_of}
+        param_uses[node] = frozenset(used)
+    scopes = {n: _scope(n, prefix) for n in graph.nodes}
+    user_input_names, user_output_names = set(signature.user_inputs), set(signature.user_outputs)
+    output = next(n for n in graph.nodes if n.op == "output")
+    user_inputs = [n for n in graph.nodes if n.op == "placeholder" and n.name in user_input_names]
+    user_outputs = [n for n in output.all_input_nodes if n.name in user_output_names]
+    return TracedModel(
+        graph=graph,
+        tracer="torch.export",
+        scopes=scopes,
+        param_uses=param_uses,
+        user_inputs=user_inputs,
+        user_outputs=user_outputs,
+        call_counts=Counter(),  # filled in by the probe run, which sees every call
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
+
+
+def trace(
+    model: nn.Module,
+    example_inputs: ExampleInputs | None,
+    tracer_options: dict[str, Any],
+) -> TracedModel:
+    """Trace ``model`` with the first tracer that succeeds; raise one error listing all failures."""
+    unknown = set(tracer_options) - _TRACER_OPTIONS
+    if unknown:
+        raise ValueError(f"unknown tracer option(s) {sorted(unknown)}; expected one of {sorted(_TRACER_OPTIONS)}")
+    failures: list[str] = []
+    try:
+        return _trace_symbolic(model, tracer_options)
+    except Exception as exc:  # symbolic tracing fails in many ways on dynamic Python
+        failures.append(f"torch.fx symbolic_trace: {_first_line(exc)}")
+    if example_inputs is not None:
+        try:
+            return _trace_export(model, example_inputs)
+        except Exception as exc:
+            failures.append(f"torch.export (non-strict): {_first_line(exc)}")
+    else:
+        failures.append("torch.export (non-strict): skipped, needs example inputs")
+    reasons = "\n".join(f"  - {line}" for line in failures)
+    raise TracingError(
+        f"could not trace {type(model).__name__}:\n{reasons}\n"
+        "Fix: pass example inputs (find_blocks(model, example_inputs=...) or --input-shape), "
+        "or mark the module that fails as a leaf (leaf_modules=[ThatModule])."
+    )
