@@ -1,0 +1,1 @@
+"""The raptr-fx command line (installed as the package ``raptr_fx_cli``)."""
