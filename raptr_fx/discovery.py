@@ -276,6 +276,7 @@ class _Grouping:
             shortcut = sorted({s for n in projection.shortcut for s in self.traced.scopes[n][-1:]})
             where = f" ({', '.join(shortcut)})" if shortcut else ""
             shapes = self.shape_change(name)
+            shapes = f" and changes the stream's shape{shapes}" if shapes else ""
             return (f"its shortcut is a projection{where}, not the identity{shapes}: "
                     "skipping it would change the stream"), None, None
         if drop == "zero":
