@@ -11,7 +11,7 @@ from torch import nn
 
 from .discovery import Block, discover, no_blocks_error
 from .errors import RaptrError
-from .gates import GatedForward, GateState, install_gate, remove_gates
+from .gates import CompileMode, GatedForward, GateState, check_compile_mode, install_gate, remove_gates
 from .schedules import RaPTr, Schedule, StagePlan, overall_compute, plan
 
 __all__ = ["Controller", "transform", "restore"]
@@ -35,13 +35,14 @@ class Controller:
     """
 
     def __init__(self, model: nn.Module, blocks: Sequence[Block], schedule: Schedule,
-                 scaling: ScalingRule, seed: int):
+                 scaling: ScalingRule, seed: int, compile_mode: CompileMode = "regional",
+                 compile_options: dict[str, Any] | None = None):
         self.model = model
         self.blocks = list(blocks)
         self.schedule = schedule
         self.seed = seed
         self.scaling = _scaling_function(scaling)
-        self._state = GateState(len(self.blocks))
+        self._state = GateState(len(self.blocks), compile_mode, compile_options)
         self._hooks: list[Any] = []
         self._step = 0
         modules = dict(model.named_modules())
@@ -214,6 +215,8 @@ def transform(
     exclude: Iterable[str] | None = None,
     granularity: str = "layer",
     seed: int = 0,
+    compile_mode: CompileMode = "regional",
+    compile_options: dict[str, Any] | None = None,
     **tracer_options: Any,
 ) -> Controller:
     """Turn ``model`` into a RaPTr model in place and return its stage controller.
@@ -227,6 +230,11 @@ def transform(
             ``keep_prob -> factor``; default: the schedule's own convention.
         include / exclude: unit names or glob patterns (``"transformer.h.*"``).
         seed: decisions for step t depend on (seed, t) only.
+        compile_mode: what the gates do under ``torch.compile``. ``"regional"`` (default): the gate
+            decides in Python and runs the unit's own compiled graph (graph breaks at the gates,
+            no recompute). ``"cond"``: ``torch.cond``, one whole-model graph (``fullgraph=True``
+            works), but kept units' forward is recomputed in backward.
+        compile_options: ``torch.compile`` keyword arguments for the units in regional mode.
 
     Example:
         >>> ctl = raptr_fx.transform(model, "6-8-10-12", total_steps=10_000)
@@ -239,6 +247,7 @@ def transform(
         raise ValueError(f"schedule must be a raptr_fx Schedule or a string like '6-8-10-12', got {schedule!r}")
     scaling = schedule.scaling if scaling is None else scaling
     _scaling_function(scaling)
+    check_compile_mode(compile_mode)
     discovery = discover(model, example_inputs, granularity=granularity, **tracer_options)
     blocks = _select(discovery.blocks, include, exclude)
     if not blocks:
@@ -246,7 +255,7 @@ def transform(
             raise no_blocks_error(discovery)
         raise ValueError("include/exclude left no unit to gate")
     schedule.validate(len(blocks))
-    return Controller(model, blocks, schedule, scaling, seed)
+    return Controller(model, blocks, schedule, scaling, seed, compile_mode, compile_options)
 
 
 def restore(model: nn.Module) -> nn.Module:

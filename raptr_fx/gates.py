@@ -6,14 +6,20 @@ buffers and state_dict keys are untouched) and reads its decision from a shared
 
 * eager: a plain Python ``if`` on host booleans, so eager training pays no
   compile machinery;
-* under ``torch.compile``: ``torch.cond`` on a CPU bool tensor that the
-  controller updates in place, so one graph serves every gate pattern;
+* under ``torch.compile``, ``compile_mode="regional"`` (default): the gate leaves
+  the graph, decides in Python, and runs the unit through its own compiled
+  forward; one compiled unit graph serves every unit of that shape, every gate
+  pattern and every stage;
+* under ``torch.compile``, ``compile_mode="cond"``: ``torch.cond`` on a CPU bool
+  tensor that the controller updates in place: the whole model stays one graph
+  (``fullgraph=True`` works), but torch.cond's backward recomputes the forward of
+  kept units (it saves only the inputs);
 * evaluation mode: the original forward, bit for bit.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 import torch.distributed as dist
@@ -23,11 +29,22 @@ from .discovery import Block
 
 __all__ = ["GateState", "GatedForward", "install_gate", "remove_gates"]
 
+CompileMode = Literal["regional", "cond"]
+
+
+def check_compile_mode(compile_mode: str) -> None:
+    if compile_mode not in ("regional", "cond"):
+        raise ValueError(f"compile_mode must be 'regional' or 'cond', got {compile_mode!r}")
+
 
 class GateState:
     """The decisions of one optimizer step, shared by every gate of a model."""
 
-    def __init__(self, num_blocks: int):
+    def __init__(self, num_blocks: int, compile_mode: CompileMode = "regional",
+                 compile_options: dict[str, Any] | None = None):
+        check_compile_mode(compile_mode)
+        self.compile_mode = compile_mode
+        self.compile_options = dict(compile_options or {})  # torch.compile kwargs for regional units
         self.keep = [True] * num_blocks  # host copy read by eager gates
         self.scale = [1.0] * num_blocks
         # Read by compiled graphs as inputs; updated in place, so no recompilation. On the
@@ -74,6 +91,7 @@ class GatedForward:
         self.scaled = scaled  # False: scaling is "none", so no arithmetic is emitted at all
         self.original: Callable[..., Any] = module.forward
         self.instance_forward = module.__dict__.get("forward")  # the user's own override, if any
+        self.compiled_forward: Callable[..., Any] | None = None  # regional mode, made on first use
         self.params = [p for p in module.parameters() if p.requires_grad]
 
     def stream(self, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -103,15 +121,21 @@ class GatedForward:
         if not self.module.training:
             return self.original(*args, **kwargs)
         if torch.compiler.is_compiling():
-            return self.compiled(args, kwargs)
+            if self.state.compile_mode == "cond":
+                return self.with_cond(args, kwargs)
+            return _gate_outside_graph(self, args, kwargs)
+        return self.gated(args, kwargs, self.original)
+
+    def gated(self, args: tuple, kwargs: dict, forward: Callable[..., Any]) -> Any:
+        """Decide on the host, then skip the unit or run ``forward`` (and rescale)."""
         x = self.stream(args, kwargs)
         if not self.state.keep[self.index]:
             return self.skipped(x)
-        out = self.original(*args, **kwargs)
+        out = forward(*args, **kwargs)
         scale = self.state.scale[self.index]
         return out if scale == 1.0 or not self.scaled else self.rescale(x, out, scale)
 
-    def compiled(self, args: tuple, kwargs: dict) -> torch.Tensor:
+    def with_cond(self, args: tuple, kwargs: dict) -> torch.Tensor:
         index = self.index
 
         def run(x: torch.Tensor) -> torch.Tensor:
@@ -127,6 +151,21 @@ class GatedForward:
             return x.clone() if self.block.drop == "identity" else torch.zeros_like(x)
 
         return torch.cond(self.state.keep_tensor[index], run, skip, (self.stream(args, kwargs),))
+
+
+@torch.compiler.disable
+def _gate_outside_graph(gate: GatedForward, args: tuple, kwargs: dict) -> Any:
+    """Regional mode: a graph break at the gate; the unit runs its own compiled graph.
+
+    Units of one class and shape share that graph (dynamo caches by code object), so
+    no gate pattern or stage ever recompiles, and nothing is recomputed in backward.
+    """
+    if gate.compiled_forward is None:
+        gate.compiled_forward = torch.compile(gate.original, **gate.state.compile_options)
+    # Lower the backward at first forward, not lazily in the middle of a backward pass: there
+    # the compile workers would start while DDP's gloo threads reduce gradients (seen to hang).
+    with torch._functorch.config.patch(force_non_lazy_backward_lowering=True):
+        return gate.gated(args, kwargs, gate.compiled_forward)
 
 
 def install_gate(module: nn.Module, block: Block, index: int, state: GateState, scaled: bool) -> None:

@@ -1,7 +1,9 @@
 """Real DDP: 2 CPU processes over gloo, no find_unused_parameters, eager and compiled."""
 
 import json
+import os
 import socket
+import time
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from raptr_fx import RaPTr, transform
 from tests.fixtures.models import GPT
 
 STEPS = 6
+TIMEOUT_S = 240  # a hang fails the test instead of CI
 
 
 def _free_port() -> int:
@@ -21,14 +24,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str, compiled: bool) -> None:
+def _worker(rank: int, world: int, port: int, out_dir: str, compile_mode: str | None) -> None:
+    # A cold inductor cache per rank, so every run really compiles (a warm cache once hid a hang).
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = f"{out_dir}/inductor-cache-{rank}"
+    if compile_mode == "cond":
+        # The whole-model graph is the user's compile: lowering its backward lazily, in the middle of
+        # a gloo all-reduce, hung here with a cold cache (see README, "torch.compile, CUDA and DDP").
+        torch._functorch.config.force_non_lazy_backward_lowering = True
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
         model = GPT(n_layer=4)
-        ctl = transform(model, RaPTr("2-3-4", total_steps=STEPS), seed=7)
+        ctl = transform(model, RaPTr("2-3-4", total_steps=STEPS), seed=7, compile_mode=compile_mode or "regional")
         ddp = DDP(model)  # no find_unused_parameters: skipped units must still report gradients
-        runner = torch.compile(ddp) if compiled else ddp
+        runner = torch.compile(ddp) if compile_mode else ddp
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
         ctl.attach(optimizer)
         generator = torch.Generator().manual_seed(100 + rank)  # each rank its own data
@@ -48,10 +57,17 @@ def _worker(rank: int, world: int, port: int, out_dir: str, compiled: bool) -> N
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.compile)],
-                         ids=["eager", "compiled"])
-def test_ddp_ranks_agree_without_find_unused_parameters(tmp_path, compiled):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), compiled), nprocs=2, join=True)
+@pytest.mark.parametrize("compile_mode", [None, pytest.param("regional", marks=pytest.mark.compile),
+                                          pytest.param("cond", marks=pytest.mark.compile)],
+                         ids=["eager", "compiled-regional", "compiled-cond"])
+def test_ddp_ranks_agree_without_find_unused_parameters(tmp_path, compile_mode):
+    workers = mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), compile_mode), nprocs=2, join=False)
+    deadline = time.monotonic() + TIMEOUT_S
+    while not workers.join(timeout=5):  # raises if a worker failed
+        if time.monotonic() > deadline:
+            for process in workers.processes:
+                process.kill()
+            pytest.fail(f"DDP workers still running after {TIMEOUT_S} s: a collective hung")
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["decisions"] == ranks[1]["decisions"]
     assert any(not all(d) for d in ranks[0]["decisions"]), "some steps must drop units"

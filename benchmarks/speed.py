@@ -1,0 +1,159 @@
+"""Speed benchmarks 1-3, measured side by side in one run; ratios printed last.
+
+1. Overhead: the transformed model with every unit active vs the untransformed model.
+   Target: at most 2% slower.
+2. Skipped compute: k of L units active vs the ideal, nonblock + k/L * blocks, where nonblock is
+   measured on a copy whose blocks are nn.Identity. Target: within 5% of ideal.
+3. Compile behaviour: frames compiled over a whole multi-stage run with changing gates.
+   Target: no recompiles after the first steps (cond mode: 1 frame in all).
+Plus the headline: wall time of RaPTr 6-8-10-12 vs the full model at equal steps.
+Target: at least 22% less.
+
+    python benchmarks/speed.py                 # eager and compiled, ~10 min on 2 CPU cores
+    python benchmarks/speed.py --quick         # eager only, small: a smoke test
+    python benchmarks/speed.py --device cuda --dtype bfloat16 --width 1024 --batch 32 --seq 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch._dynamo.testing import CompileCounterWithBackend
+
+from common import GPT, GPTConfig, add_device_args, header, median, timed_steps
+
+import raptr_fx
+
+SCHEDULE = "6-8-10-12"
+
+
+def build(args: argparse.Namespace) -> GPT:
+    torch.manual_seed(0)
+    config = GPTConfig(n_layer=12, n_embd=args.width, n_head=max(1, args.width // 32), block_size=args.seq)
+    return GPT(config).to(args.device)
+
+
+class Runner:
+    """One model + optimizer, stepping on a fixed batch."""
+
+    def __init__(self, model: nn.Module, args: argparse.Namespace, compiled: bool,
+                 counter: CompileCounterWithBackend | None = None):
+        self.model = model
+        self.args = args
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        self.counter = counter or CompileCounterWithBackend("inductor")
+        self.forward = torch.compile(model, backend=self.counter) if compiled else model
+        generator = torch.Generator().manual_seed(1)
+        self.batch = torch.randint(0, 256, (args.batch, args.seq + 1), generator=generator).to(args.device)
+
+    def step(self) -> None:
+        x, y = self.batch[:, :-1], self.batch[:, 1:]
+        autocast = (torch.autocast(self.args.device, dtype=torch.bfloat16) if self.args.dtype == "bfloat16"
+                    else contextlib.nullcontext())
+        with autocast:
+            loss = F.cross_entropy(self.forward(x).flatten(0, 1).float(), y.flatten())
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def per_step(self, steps: int) -> list[float]:
+        return timed_steps(self.step, steps, self.args.device)
+
+
+def measure(args: argparse.Namespace, mode: str) -> dict[str, float]:
+    compiled = mode != "eager"
+    compile_mode = "cond" if mode == "compiled-cond" else "regional"
+    base = build(args)
+    nonblock = copy.deepcopy(base)
+    for i in range(len(nonblock.transformer.h)):
+        nonblock.transformer.h[i] = nn.Identity()
+    # Regional units compile with the same counting backend as their model, so frames add up.
+    counters = {name: CompileCounterWithBackend("inductor") for name in ("gated", "raptr")}
+    exact = copy.deepcopy(base)
+    ctl = raptr_fx.transform(exact, raptr_fx.RaPTr(SCHEDULE, total_steps=4, sampling="exact"),
+                             compile_mode=compile_mode, compile_options={"backend": counters["gated"]})
+    bernoulli = copy.deepcopy(base)
+    total = args.schedule_steps
+    run_ctl = raptr_fx.transform(bernoulli, raptr_fx.RaPTr(SCHEDULE, total_steps=total), seed=0,
+                                 compile_mode=compile_mode, compile_options={"backend": counters["raptr"]})
+
+    runners = {"base": Runner(base, args, compiled), "nonblock": Runner(nonblock, args, compiled),
+               "gated": Runner(exact, args, compiled, counters["gated"]),
+               "raptr": Runner(bernoulli, args, compiled, counters["raptr"])}
+    for runner in runners.values():  # warm up (and compile)
+        runner.per_step(args.warmup)
+    frames_after_warmup = {name: counters[name].frame_count for name in counters}
+
+    samples: dict[str, list[float]] = {k: [] for k in ("base", "nonblock", "k6", "k8", "k10", "k12")}
+    for _ in range(args.rounds):  # interleaved, so drift hits every variant alike
+        samples["base"] += runners["base"].per_step(args.steps)
+        samples["nonblock"] += runners["nonblock"].per_step(args.steps)
+        for stage, k in enumerate((6, 8, 10, 12)):
+            ctl.load_state_dict({**ctl.state_dict(), "step": stage})  # stage s of the exact schedule
+            samples[f"k{k}"] += runners["gated"].per_step(args.steps)
+    t = {k: median(v) for k, v in samples.items()}
+
+    # Headline: a whole schedule vs the full model at equal steps, twice each, interleaved.
+    full_runs, raptr_runs = [], []
+    for _ in range(2):
+        full_runs.append(sum(runners["base"].per_step(total)))
+        run_ctl.load_state_dict({**run_ctl.state_dict(), "step": 0})
+        raptr_runs.append(sum(run_ctl_step(runners["raptr"], run_ctl, total)))
+    result = {
+        f"{mode} overhead (all active / untransformed)": t["k12"] / t["base"],
+        **{f"{mode} k={k}: measured / ideal": t[f"k{k}"] / (t["nonblock"] + k / 12 * (t["base"] - t["nonblock"]))
+           for k in (6, 8, 10)},
+        f"{mode} RaPTr {SCHEDULE} wall time / full model ({total} steps)": min(raptr_runs) / min(full_runs),
+        f"{mode} ideal RaPTr / full (block share {1 - t['nonblock'] / t['base']:.2f})":
+            (t["nonblock"] + 0.75 * (t["base"] - t["nonblock"])) / t["base"],
+    }
+    if compiled:
+        for name in counters:
+            result[f"{mode} recompiles after warm-up, all stages ({name})"] = (
+                counters[name].frame_count - frames_after_warmup[name])
+            result[f"{mode} compiled frames in all ({name})"] = counters[name].frame_count
+    print(f"{mode}: median step ms " + ", ".join(f"{k}={1000 * v:.1f}" for k, v in t.items()), flush=True)
+    return result
+
+
+def run_ctl_step(runner: Runner, ctl: raptr_fx.Controller, steps: int) -> list[float]:
+    times = []
+    for _ in range(steps):
+        times += runner.per_step(1)
+        ctl.step()
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_device_args(parser)
+    parser.add_argument("--quick", action="store_true", help="small, eager only: a smoke test (~1 min)")
+    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per variant per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--schedule-steps", type=int, default=40, help="steps of the whole-schedule run")
+    parser.add_argument("--modes", default="eager,compiled,compiled-cond",
+                        help="eager, compiled (regional gates, the default) and/or compiled-cond")
+    args = parser.parse_args()
+    if args.quick:
+        args.width, args.batch, args.seq, args.steps, args.rounds = 64, 4, 32, 3, 2
+        args.schedule_steps, args.modes = 12, "eager"
+    print(header(args), flush=True)
+    results: dict[str, float] = {}
+    for mode in args.modes.split(","):
+        results.update(measure(args, mode))
+    print("\nratios (targets: overhead <= 1.02, k/ideal <= 1.05, RaPTr/full <= 0.78, recompiles == 0)")
+    for name, value in results.items():
+        print(f"  {name:<62} {value:.3f}" if isinstance(value, float) else f"  {name:<62} {value}")
+
+
+if __name__ == "__main__":
+    main()
