@@ -41,9 +41,9 @@ class Point:
     methods: tuple[str, ...]  # which runs
 
 
-ABLATIONS = ("raptr-inverse", "raptr-exact", "raptr-nofreeze")
+ABLATIONS = ("raptr-inverse", "raptr-exact", "raptr-zerograd")
 POINTS = {
-    "A": Point(96, 1200, ("full", "raptr", "pld", "layerdrop") + ABLATIONS),
+    "A": Point(96, 1200, ("full", "full-short", "raptr", "pld", "layerdrop") + ABLATIONS),
     "B": Point(64, 2400, ("full", "raptr", "pld")),
     "C": Point(32, 6000, ("full", "raptr", "pld")),
 }
@@ -51,10 +51,10 @@ POINTS = {
 
 def schedule_for(method: str, steps: int) -> tuple[raptr_fx.Schedule, dict]:
     """(schedule, transform options) of a method name."""
-    if method == "full":
+    if method in ("full", "full-short"):
         return FullModel(), {}
     if method == "pld":
-        return ProgressiveLayerDrop(theta_bar=0.5, gamma=min(0.001, 5.0 / steps)), {}
+        return ProgressiveLayerDrop(theta_bar=0.5, gamma=0.001), {}  # the recommended values
     if method == "layerdrop":
         return LayerDrop(p=0.25), {}  # same expected block compute as RaPTr 6-8-10-12
     sampling = "exact" if method == "raptr-exact" else "bernoulli"
@@ -102,19 +102,23 @@ def train(method: str, point: Point, data: tuple[torch.Tensor, torch.Tensor], ar
     config = GPTConfig(n_layer=12, n_embd=point.width, n_head=max(1, point.width // 32), block_size=args.seq)
     model = GPT(config).to(args.device)
     params = sum(p.numel() for p in model.parameters())
-    schedule, options = schedule_for(method, point.steps)
+    # full-short: the full model given RaPTr's expected compute (75% of the steps) and its own
+    # LR schedule, the fair equal-wall-time baseline.
+    steps = point.steps * 3 // 4 if method == "full-short" else point.steps
+    schedule, options = schedule_for(method, steps)
     example = (torch.zeros(1, args.seq, dtype=torch.long, device=args.device),)
     ctl = raptr_fx.transform(model, schedule, example_inputs=example, seed=args.seed, **options)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95))
-    ctl.attach(optimizer, freeze_dropped=method != "raptr-nofreeze")
+    zero_grads = method == "raptr-zerograd"
+    ctl.attach(optimizer, freeze_dropped=not zero_grads)
     shares = [b.flops_share for b in ctl.blocks]
     generator = torch.Generator().manual_seed(args.seed)  # the same data order for every method
     train_losses, evals, block_compute, elapsed = [], [], 0.0, 0.0
-    for step in range(point.steps):
+    for step in range(steps):
         if step % args.eval_every == 0:
             evals.append((step, elapsed, evaluate(model, val_data, args)))
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, point.steps, args.lr)
+            group["lr"] = learning_rate(step, steps, args.lr)
         chunk = batches(train_data, args.batch, args.seq, generator).to(args.device)
         block_compute += sum(s for s, k in zip(shares, ctl.active) if k) / sum(shares)
         sync(args.device)
@@ -122,6 +126,10 @@ def train(method: str, point: Point, data: tuple[torch.Tensor, torch.Tensor], ar
         with autocast(args):
             loss = F.cross_entropy(model(chunk[:, :-1]).flatten(0, 1).float(), chunk[:, 1:].flatten())
         loss.backward()
+        if zero_grads:  # what compiled graphs and DDP give dropped units: zeros, which AdamW still applies
+            for p in model.parameters():
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()  # the controller steps itself after this
         optimizer.zero_grad(set_to_none=True)
@@ -129,16 +137,16 @@ def train(method: str, point: Point, data: tuple[torch.Tensor, torch.Tensor], ar
         elapsed += time.perf_counter() - start
         train_losses.append(loss.item())
     final = evaluate(model, val_data, args)
-    evals.append((point.steps, elapsed, final))
+    evals.append((steps, elapsed, final))
     transitions = []
     for start, _ in schedule.stage_bounds()[1:]:
-        window = max(5, min(50, point.steps // 40))
+        window = max(5, min(50, steps // 40))
         before = train_losses[max(0, start - window): start]
         after = train_losses[start: start + window]
         transitions.append((start, sum(before) / len(before), sum(after) / len(after)))
     return {
-        "method": method, "params": params, "tokens_per_param": point.steps * args.batch * args.seq / params,
-        "final_val": final, "wall_s": elapsed, "block_compute": block_compute / point.steps,
+        "method": method, "params": params, "tokens_per_param": steps * args.batch * args.seq / params,
+        "final_val": final, "wall_s": elapsed, "block_compute": block_compute / steps,
         "train_losses": train_losses, "evals": evals, "transitions": transitions,
     }
 
@@ -181,7 +189,7 @@ def plot(name: str, runs: list[dict]) -> str | None:
         return None
     fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(12, 4.5))
     for run in runs:
-        steps, times, losses = zip(*run["evals"])
+        steps, times, losses = zip(*run["evals"][1:])  # without the untrained model at step 0
         by_step.plot(steps, losses, label=run["method"])
         by_time.plot(times, losses, label=run["method"])
     by_step.set(xlabel="step", ylabel="validation loss (nats/byte)", title=f"point {name}: against steps")

@@ -174,8 +174,8 @@ def _refuse_wrapped(model: nn.Module) -> None:
     wrapper = None
     if hasattr(model, "_orig_mod"):
         wrapper, fix = "torch.compile", "model = raptr_fx.transform(model, ...) first, then torch.compile(model)"
-    elif isinstance(model, nn.parallel.DistributedDataParallel) or type(model).__name__ in (
-            "FullyShardedDataParallel", "DataParallel"):
+    elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) or (
+            type(model).__name__ == "FullyShardedDataParallel"):
         wrapper, fix = type(model).__name__, "transform the bare model first, then wrap it"
     if wrapper:
         raise RaptrError(f"the model is already wrapped by {wrapper}: {fix}")

@@ -182,18 +182,19 @@ class _Grouping:
                 candidates[name] = inside
         return candidates
 
-    def layer_units(self) -> list[str]:
+    def layer_units(self) -> dict[str, list[Residual]]:
+        """The candidates a user would call layers, with their residual adds."""
         candidates = self.layer_candidates()
 
         def strictly_inside(inner: str, outer: str) -> bool:
-            return inner.startswith(outer + ".") or (outer == "" and inner != "")
+            return inner.startswith(outer + ".")
 
-        own = {}
+        own = {}  # candidates with residual adds of their own, not only their children's
         for name, inside in candidates.items():
             covered = {r for other, rs in candidates.items() if strictly_inside(other, name) for r in rs}
-            if [r for r in inside if r not in covered]:
+            if any(r not in covered for r in inside):
                 own[name] = inside
-        chosen: list[str] = []
+        chosen: dict[str, list[Residual]] = {}
         # Outermost first; a unit never swallows two or more other units (a stage of layers).
         for name in sorted(own, key=lambda n: n.count(".")):
             if any(strictly_inside(name, c) for c in chosen):
@@ -201,7 +202,7 @@ class _Grouping:
             inner = [o for o in own if strictly_inside(o, name)]
             maximal = [o for o in inner if not any(strictly_inside(o, p) for p in inner)]
             if len(maximal) <= 1:
-                chosen.append(name)
+                chosen[name] = own[name]
         return chosen
 
     # -- zero units --------------------------------------------------------------------
@@ -230,8 +231,7 @@ class _Grouping:
         units: list[tuple[int, str, DropRule, list[Residual]]] = []
         covered: set[Residual] = set()
         if granularity == "layer":
-            for name in self.layer_units():
-                inside = [r for r in self.residuals if self.contained(name, r)]
+            for name, inside in self.layer_units().items():
                 covered.update(inside)
                 units.append((self.order[inside[0].add], name, "identity", inside))
         loose: dict[str, list[Residual]] = {}
@@ -254,7 +254,8 @@ class _Grouping:
     def block(self, index: int, name: str, drop: DropRule, residuals: list[Residual]) -> Block:
         module = self.modules.get(name)
         if module is None:  # a branch that is no single module
-            params = len(frozenset().union(*(r.params for r in residuals)))
+            names = frozenset().union(*(r.params for r in residuals))
+            params = sum(self.model.get_parameter(n).numel() for n in names)
             return Block(name, index, drop, "-", params, None, False,
                          "the branch is not one module call; use granularity='layer'")
         params = sum(p.numel() for p in module.parameters())

@@ -27,10 +27,11 @@ def _free_port() -> int:
 def _worker(rank: int, world: int, port: int, out_dir: str, compile_mode: str | None) -> None:
     # A cold inductor cache per rank, so every run really compiles (a warm cache once hid a hang).
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = f"{out_dir}/inductor-cache-{rank}"
-    if compile_mode == "cond":
-        # The whole-model graph is the user's compile: lowering its backward lazily, in the middle of
-        # a gloo all-reduce, hung here with a cold cache (see README, "torch.compile, CUDA and DDP").
+    if compile_mode is not None:
+        # Inductor's compile workers starting during a gloo all-reduce hung here intermittently with a
+        # cold cache (see README, "torch.compile, CUDA and DDP"): the documented workarounds.
         torch._functorch.config.force_non_lazy_backward_lowering = True
+        torch._inductor.config.compile_threads = 1
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)

@@ -170,6 +170,10 @@ def test_transform_refuses_wrapped_or_transformed_models():
     model, _ = gpt_pair()
     with pytest.raises(RaptrError, match="transform.* first, then torch.compile"):
         transform(torch.compile(model), FullModel())
+    with pytest.raises(RaptrError, match="wrapped by DataParallel: transform the bare model first"):
+        transform(nn.DataParallel(model), FullModel())
+    with pytest.raises(ValueError, match="compile_mode must be 'regional' or 'cond', got 'graph'"):
+        transform(model, FullModel(), compile_mode="graph")
     transform(model, FullModel())
     with pytest.raises(RaptrError, match="already transformed"):
         transform(model, FullModel())
