@@ -285,10 +285,11 @@ class _Grouping:
                        if not p.startswith(name + ".") and self.param_ndim.get(p, 0) > 1]
             if outside:
                 return f"the branch also runs weights outside {name} ({outside[0]}); use granularity='layer'", None, None
-        if self.traced.returns_tensor.get(name) is False or (
-                self.measured and name in self.measured.calls and self.measured.calls[name].output_shape is None):
-            kind = self.measured.calls[name].output_type if self.measured and name in self.measured.calls else "tuple"
-            return f"returns a {kind}, not one tensor", None, None
+        call = self.measured.calls.get(name) if self.measured else None
+        if call is not None and call.output_shape is None:
+            return f"returns a {call.output_type}, not one tensor", None, None
+        if self.traced.returns_tensor.get(name) is False:
+            return "returns a tuple or other container, not one tensor", None, None
         position = self.stream_argument(name, residuals[0])
         if position is None:
             return "cannot tell which argument of forward carries the stream", None, None
