@@ -15,7 +15,7 @@ from raptr_fx import RaPTr, transform
 from tests.fixtures.models import GPT
 
 STEPS = 6
-TIMEOUT_S = 240  # a hang fails the test instead of CI
+TIMEOUT_S = 180  # a hang fails the test instead of CI
 
 
 def _free_port() -> int:
@@ -55,6 +55,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str, compile_mode: str | 
             json.dump({"decisions": decisions, "checksum": checksum}, f)
     finally:
         dist.destroy_process_group()
+    # Skip interpreter teardown: after a cold compile it once hung shutting down inductor's
+    # compile workers, after the results were written.
+    os._exit(0)
 
 
 @pytest.mark.slow
@@ -68,7 +71,9 @@ def test_ddp_ranks_agree_without_find_unused_parameters(tmp_path, compile_mode):
         if time.monotonic() > deadline:
             for process in workers.processes:
                 process.kill()
-            pytest.fail(f"DDP workers still running after {TIMEOUT_S} s: a collective hung")
+            written = [r for r in range(2) if (tmp_path / f"rank{r}.json").exists()]
+            pytest.fail(f"DDP workers still running after {TIMEOUT_S} s (ranks {written} had written "
+                        "their results): a collective or the shutdown hung")
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["decisions"] == ranks[1]["decisions"]
     assert any(not all(d) for d in ranks[0]["decisions"]), "some steps must drop units"
