@@ -63,11 +63,12 @@ def _example_inputs(file_inputs: Any, shape: str | None, dtype: str) -> Any:
     raise RaptrError(f"--input-dtype must be float or long, got {dtype!r}")
 
 
-def _discover(target: str, model: str | None, shape: str | None, dtype: str, granularity: str) -> Discovery:
+def _discover(target: str, model: str | None, shape: str | None, dtype: str, granularity: str,
+              require_blocks: bool = True) -> Discovery:
     loaded = load_model(target, model)
     inputs = _example_inputs(loaded.example_inputs, shape, dtype)
     discovery = raptr_fx.discover(loaded.model, inputs, granularity=granularity)
-    if not discovery.blocks:
+    if require_blocks and not discovery.blocks:
         raise no_blocks_error(discovery)
     return discovery
 
@@ -107,9 +108,8 @@ def graph(
     """Write the traced graph as Graphviz DOT: residual adds, stream edges and blocks marked."""
 
     def action() -> None:
-        loaded = load_model(target, model)
-        inputs = _example_inputs(loaded.example_inputs, input_shape, input_dtype)
-        discovery = raptr_fx.discover(loaded.model, inputs, granularity=granularity)
+        # A graph with no blocks is still worth drawing: it shows why none were found.
+        discovery = _discover(target, model, input_shape, input_dtype, granularity, require_blocks=False)
         output.write_text(to_dot(discovery))
         _console().print(f"wrote {output} ({len(discovery.traced.graph.nodes)} nodes, "
                          f"{len(discovery.residuals)} residual adds, {len(discovery.droppable)} droppable blocks); "

@@ -46,9 +46,8 @@ class Controller:
         self._hooks: list[Any] = []
         self._step = 0
         modules = dict(model.named_modules())
-        self._params = [[p for p in modules[b.name].parameters()] for b in self.blocks]
-        for i, block in enumerate(self.blocks):
-            install_gate(modules[block.name], block, i, self._state, scaled=scaling != "none")
+        self._gates = [install_gate(modules[b.name], b, i, self._state, scaled=scaling != "none")
+                       for i, b in enumerate(self.blocks)]
         self._apply()
 
     # -- the step ------------------------------------------------------------------------
@@ -131,10 +130,10 @@ class Controller:
 
     def release_dropped_grads(self) -> None:
         """Set the gradients of this step's dropped units to None (shared parameters excepted)."""
-        running = {id(p) for params, k in zip(self._params, self._state.keep) if k for p in params}
-        for params, k in zip(self._params, self._state.keep):
+        running = {id(p) for gate, k in zip(self._gates, self._state.keep) if k for p in gate.params}
+        for gate, k in zip(self._gates, self._state.keep):
             if not k:
-                for p in params:
+                for p in gate.params:
                     if id(p) not in running:
                         p.grad = None
 

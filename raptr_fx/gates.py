@@ -168,8 +168,10 @@ def _gate_outside_graph(gate: GatedForward, args: tuple, kwargs: dict) -> Any:
         return gate.gated(args, kwargs, gate.compiled_forward)
 
 
-def install_gate(module: nn.Module, block: Block, index: int, state: GateState, scaled: bool) -> None:
-    module.forward = GatedForward(module, block, index, state, scaled)
+def install_gate(module: nn.Module, block: Block, index: int, state: GateState, scaled: bool) -> GatedForward:
+    gate = GatedForward(module, block, index, state, scaled)
+    module.forward = gate
+    return gate
 
 
 def remove_gates(model: nn.Module) -> int:
