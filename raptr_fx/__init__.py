@@ -6,13 +6,13 @@
 
 from .controller import Controller, restore, transform
 from .discovery import Block, Discovery, discover, find_blocks
-from .errors import RaptrError, TracingError
+from .errors import RaptrError, RaptrWarning, TracingError
 from .schedules import (FullModel, LayerDrop, ProgressiveLayerDrop, RaPTr, Schedule, Stage,
                         StagePlan, StochasticDepth, plan)
 
 __all__ = [
     "Block", "Controller", "Discovery", "FullModel", "LayerDrop", "ProgressiveLayerDrop", "RaPTr",
-    "RaptrError", "Schedule", "Stage", "StagePlan", "StochasticDepth", "TracingError", "discover",
+    "RaptrError", "RaptrWarning", "Schedule", "Stage", "StagePlan", "StochasticDepth", "TracingError", "discover",
     "find_blocks", "plan", "restore", "transform",
 ]
 __version__ = "0.1.0"

@@ -13,6 +13,7 @@ from .discovery import Block, discover, no_blocks_error
 from .errors import RaptrError
 from .gates import CompileMode, GatedForward, GateState, check_compile_mode, install_gate, remove_gates
 from .schedules import RaPTr, Schedule, StagePlan, overall_compute, plan
+from .usage import UsageMonitor
 
 __all__ = ["Controller", "transform", "restore"]
 
@@ -44,11 +45,18 @@ class Controller:
         self.scaling = _scaling_function(scaling)
         self._state = GateState(len(self.blocks), compile_mode, compile_options)
         self._hooks: list[Any] = []
+        self._stepping_with: torch.optim.Optimizer | None = None
         self._step = 0
         modules = dict(model.named_modules())
-        self._gates = [install_gate(modules[b.name], b, i, self._state, scaled=scaling != "none")
-                       for i, b in enumerate(self.blocks)]
-        self._apply()
+        self._gates: list[GatedForward] = []
+        try:  # all or nothing: a failure leaves no gate behind
+            for i, b in enumerate(self.blocks):
+                self._gates.append(install_gate(modules[b.name], b, i, self._state, scaled=scaling != "none"))
+            self._apply()
+        except BaseException:
+            remove_gates(model)
+            raise
+        self._usage = UsageMonitor(self)
 
     # -- the step ------------------------------------------------------------------------
     def step(self) -> None:
@@ -112,28 +120,43 @@ class Controller:
         return overall_compute(self.plan())
 
     # -- optimizer -------------------------------------------------------------------------
-    def attach(self, optimizer: torch.optim.Optimizer, *, freeze_dropped: bool = True,
+    def attach(self, optimizer: Any, *, freeze_dropped: bool = True,
                step_with_optimizer: bool = True) -> "Controller":
-        """Hook into ``optimizer``.
+        """Hook into ``optimizer``: a torch optimizer, or a wrapper of one (Accelerate's
+        ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``), whose inner optimizer is used.
 
         Args:
             freeze_dropped: units dropped this step are not updated (their grads are set to None
                 before ``optimizer.step()``, which built-in optimizers skip). Without it, zero
                 gradients would still move them through Adam momentum and weight decay.
-            step_with_optimizer: call :meth:`step` after every ``optimizer.step()``.
+            step_with_optimizer: call :meth:`step` after every ``optimizer.step()``. Only one
+                optimizer may step the controller; attach a second one with ``False``.
+
+        Example:
+            >>> ctl.attach(optimizer)            # or accelerator.prepare(...)'s optimizer
         """
+        optimizer = unwrap_optimizer(optimizer)
+        if step_with_optimizer and self._stepping_with is not None:
+            raise ValueError(f"the controller already steps with {type(self._stepping_with).__name__}; attach "
+                             "another optimizer with step_with_optimizer=False, or the schedule would "
+                             "advance once per optimizer")
         if freeze_dropped:
             self._hooks.append(optimizer.register_step_pre_hook(lambda *_: self.release_dropped_grads()))
         if step_with_optimizer:
             self._hooks.append(optimizer.register_step_post_hook(lambda *_: self.step()))
+            self._stepping_with = optimizer
         return self
 
     def release_dropped_grads(self) -> None:
-        """Set the gradients of this step's dropped units to None (shared parameters excepted)."""
-        running = {id(p) for gate, k in zip(self._gates, self._state.keep) if k for p in gate.params}
-        for gate, k in zip(self._gates, self._state.keep):
-            if not k:
-                for p in gate.params:
+        """Set the gradients of this step's dropped units to None (shared parameters excepted).
+
+        Units in eval mode ran whole (the gates are off there), so their gradients are real and kept.
+        """
+        dropped = [not k and gate.module.training for gate, k in zip(self._gates, self._state.keep)]
+        running = {id(p) for gate, d in zip(self._gates, dropped) if not d for p in gate.parameters()}
+        for gate, d in zip(self._gates, dropped):
+            if d:
+                for p in gate.parameters():
                     if id(p) not in running:
                         p.grad = None
 
@@ -148,6 +171,7 @@ class Controller:
         self.seed = int(state["seed"])
         self._step = int(state["step"])
         self._apply()
+        self._usage.restart()
 
     # -- undo --------------------------------------------------------------------------------
     def remove(self) -> nn.Module:
@@ -155,8 +179,26 @@ class Controller:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        self._stepping_with = None
+        self._usage.remove()
         remove_gates(self.model)
         return self.model
+
+
+def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer behind trainer wrappers: Accelerate keeps it in ``.optimizer``,
+    Lightning in ``._optimizer``. Hooks must go on that one, where ``step()`` really runs."""
+    current = optimizer
+    for _ in range(8):  # wrappers of wrappers, never a cycle
+        inner = next((getattr(current, name) for name in ("optimizer", "_optimizer")
+                      if isinstance(getattr(current, name, None), torch.optim.Optimizer)), None)
+        if inner is None or inner is current:
+            break
+        current = inner
+    if not (isinstance(current, torch.optim.Optimizer) and hasattr(current, "_optimizer_step_pre_hooks")):
+        raise TypeError(f"attach() needs a torch.optim.Optimizer (or a trainer's wrapper of one), got "
+                        f"{type(optimizer).__name__}: pass the optimizer that updates the model's parameters")
+    return current
 
 
 def _scaling_function(scaling: ScalingRule) -> Callable[[float], float]:
@@ -178,9 +220,31 @@ def _refuse_wrapped(model: nn.Module) -> None:
         wrapper, fix = type(model).__name__, "transform the bare model first, then wrap it"
     if wrapper:
         raise RaptrError(f"the model is already wrapped by {wrapper}: {fix}")
+    if _fully_sharded(model):
+        raise RaptrError("the model is already sharded with fully_shard (FSDP2): transform before fully_shard, "
+                         "i.e. raptr_fx.transform(model, ...), then fully_shard each unit and the root")
     if any(isinstance(m.__dict__.get("forward"), GatedForward) for m in model.modules()):
         raise RaptrError("the model is already transformed: call controller.remove() "
                          "(or raptr_fx.restore(model)) before transforming it again")
+
+
+def _fully_sharded(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch built without distributed support
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def _patterns(patterns: Iterable[str] | str | None, argument: str) -> list[str] | None:
+    """Unit names or glob patterns as a list; one string is one pattern, not its characters."""
+    if patterns is None:
+        return None
+    listed = [patterns] if isinstance(patterns, str) else list(patterns)
+    bad = [p for p in listed if not isinstance(p, str)]
+    if bad:
+        raise TypeError(f"{argument} must be unit names or glob patterns (strings), got {bad!r}")
+    return listed
 
 
 def _select(blocks: list[Block], include: Iterable[str] | None, exclude: Iterable[str] | None) -> list[Block]:
@@ -239,7 +303,15 @@ def transform(
         >>> ctl = raptr_fx.transform(model, "6-8-10-12", total_steps=10_000)
         >>> ctl.attach(optimizer)
     """
+    # Every argument is checked before the model is touched: transform installs all or nothing.
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     _refuse_wrapped(model)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    if compile_options is not None and not isinstance(compile_options, dict):
+        raise TypeError(f"compile_options must be a dict of torch.compile keyword arguments, got {compile_options!r}")
+    include, exclude = _patterns(include, "include"), _patterns(exclude, "exclude")
     if isinstance(schedule, str):
         schedule = RaPTr(schedule, total_steps=total_steps)
     elif not isinstance(schedule, Schedule):
@@ -252,7 +324,8 @@ def transform(
     if not blocks:
         if not discovery.droppable:
             raise no_blocks_error(discovery)
-        raise ValueError("include/exclude left no unit to gate")
+        raise ValueError(f"include={include} / exclude={exclude} left no unit to gate; droppable units are "
+                         f"{[b.name for b in discovery.blocks if b.droppable]}")
     schedule.validate(len(blocks))
     return Controller(model, blocks, schedule, scaling, seed, compile_mode, compile_options)
 

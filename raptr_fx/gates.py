@@ -92,7 +92,15 @@ class GatedForward:
         self.original: Callable[..., Any] = module.forward
         self.instance_forward = module.__dict__.get("forward")  # the user's own override, if any
         self.compiled_forward: Callable[..., Any] | None = None  # regional mode, made on first use
-        self.params = [p for p in module.parameters() if p.requires_grad]
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The unit's trainable parameters as they are now.
+
+        Looked up at every use, never kept: meta-device init (``to_empty``),
+        ``load_state_dict(assign=True)`` and FSDP2 sharding replace parameter objects, and a
+        kept reference would both point at the stale tensors and keep them alive.
+        """
+        return [p for p in self.module.parameters() if p.requires_grad]
 
     def stream(self, args: tuple, kwargs: dict) -> torch.Tensor:
         position = self.block.stream_position
@@ -113,8 +121,10 @@ class GatedForward:
 
     def skipped(self, x: torch.Tensor) -> torch.Tensor:
         out = x if self.block.drop == "identity" else torch.zeros_like(x)
-        if self.params and torch.is_grad_enabled() and _distributed():
-            out = out + _ZeroGradients.apply(x, *self.params)
+        if torch.is_grad_enabled() and _distributed():
+            params = self.parameters()
+            if params:
+                out = out + _ZeroGradients.apply(x, *params)
         return out
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

@@ -177,6 +177,58 @@ def test_transform_refuses_wrapped_or_transformed_models():
     transform(model, FullModel())
     with pytest.raises(RaptrError, match="already transformed"):
         transform(model, FullModel())
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got str"):
+        transform("model.py", FullModel())
+
+
+@pytest.mark.parametrize("bad, error, message", [
+    (dict(seed="x"), TypeError, "seed must be an int, got 'x'"),
+    (dict(seed=True), TypeError, "seed must be an int, got True"),
+    (dict(scaling="sqrt"), ValueError, "scaling must be 'inverse', 'none' or a callable"),
+    (dict(compile_options=["fullgraph"]), TypeError, "compile_options must be a dict"),
+    (dict(include=[3]), TypeError, r"include must be unit names or glob patterns \(strings\), got \[3\]"),
+    (dict(exclude=["nothing.*"]), ValueError, "exclude pattern 'nothing.*' matches no unit"),
+    (dict(exclude="transformer.h.*"), ValueError, r"exclude=\['transformer.h.\*'\] left no unit to gate"),
+], ids=lambda v: str(v)[:30])
+def test_bad_arguments_leave_the_model_untouched(bad, error, message):
+    model, reference = gpt_pair()
+    with pytest.raises(error, match=message):
+        transform(model, "2-4", total_steps=10, **bad)
+    assert not any(isinstance(m.__dict__.get("forward"), raptr_fx.gates.GatedForward) for m in model.modules())
+    transform(model, "2-4", total_steps=10)  # nothing was left behind
+
+
+def test_a_failure_while_installing_rolls_back_every_gate(monkeypatch):
+    model, _ = gpt_pair()
+    installed = raptr_fx.gates.install_gate
+
+    def fail_on_third(module, block, index, *args, **kwargs):
+        if index == 2:
+            raise RuntimeError("boom")
+        return installed(module, block, index, *args, **kwargs)
+
+    monkeypatch.setattr(raptr_fx.controller, "install_gate", fail_on_third)
+    with pytest.raises(RuntimeError, match="boom"):
+        transform(model, "2-4", total_steps=10)
+    assert not any(isinstance(m.__dict__.get("forward"), raptr_fx.gates.GatedForward) for m in model.modules())
+
+
+def test_gates_follow_parameters_replaced_after_transform():
+    """load_state_dict(assign=True) and dtype changes replace parameter objects: the gates must follow."""
+    model, _ = gpt_pair()
+    ctl = transform(model, "2-4", total_steps=10)
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    model.double()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    ctl.attach(optimizer)
+    forced(ctl, [True, False, True, True])
+    weight = model.transformer.h[1].mlp.c_fc.weight
+    model(*tokens()).sum().backward()
+    weight.grad = torch.ones_like(weight)  # as DDP or a compiled graph would leave it
+    before = weight.detach().clone()
+    optimizer.step()
+    assert torch.equal(before, weight)
+    assert {id(p) for gate in ctl._gates for p in gate.parameters()} <= {id(p) for p in model.parameters()}
 
 
 def test_transform_errors_for_models_without_blocks():

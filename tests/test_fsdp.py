@@ -1,0 +1,111 @@
+"""Real FSDP2: 2 CPU processes over gloo, fully_shard per unit then the root."""
+
+import gc
+import weakref
+
+import pytest
+import torch
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+import raptr_fx
+from raptr_fx import RaPTr, RaptrError, transform
+from tests.distributed import WORLD, run_ranks
+from tests.fixtures.models import GPT
+
+STEPS = 6
+SCHEDULE = dict(schedule=RaPTr("2-3-4", total_steps=STEPS), seed=7)
+
+
+def reference_model() -> GPT:
+    torch.manual_seed(0)
+    return GPT(n_layer=4)
+
+
+def batch(rank: int, step: int) -> torch.Tensor:
+    return torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1000 * rank + step))
+
+
+def train(model, ctl, runner, inputs) -> tuple[list, list]:
+    """STEPS optimizer steps; the decisions, and for each dropped unit whether it stayed unchanged."""
+    # SGD, not Adam: Adam turns the float noise of gradients that are zero in exact arithmetic
+    # (attention's key bias) into full-size steps, so no two reduction orders would agree.
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    ctl.attach(optimizer)
+    decisions, frozen = [], []
+    for step in range(STEPS):
+        decisions.append(ctl.active)
+        before = [[_full(p).clone() for p in model.transformer.h[i].parameters()] for i in range(4)]
+        idx = inputs(step)
+        loss = torch.nn.functional.cross_entropy(runner(idx).flatten(0, 1), idx.flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        for i, kept in enumerate(decisions[-1]):
+            if not kept:
+                frozen.append(all(torch.equal(a, _full(b)) for a, b in zip(before[i], model.transformer.h[i].parameters())))
+    return decisions, frozen
+
+
+def _full(p: torch.Tensor) -> torch.Tensor:
+    return (p.full_tensor() if isinstance(p, DTensor) else p).detach()
+
+
+def _shard(model: GPT) -> None:
+    for block in model.transformer.h:
+        fully_shard(block)
+    fully_shard(model)
+
+
+def _worker(rank: int, out_dir: str, flow: str) -> dict:
+    result = {}
+    if flow == "meta":  # build without memory, transform, shard, then materialize and initialize
+        with torch.device("meta"):
+            model = GPT(n_layer=4)
+        ctl = transform(model, **SCHEDULE)
+        _shard(model)
+        model.to_empty(device="cpu")
+        with torch.no_grad():  # the reference's values, so both flows can be checked against it
+            for p, full in zip(model.parameters(), reference_model().parameters()):
+                p.copy_(distribute_tensor(full.detach(), p.device_mesh, p.placements))
+    else:
+        model = reference_model()
+        unsharded = [weakref.ref(p) for p in model.parameters()]
+        ctl = transform(model, **SCHEDULE)
+        _shard(model)
+        gc.collect()
+        result["full_size_alive"] = sum(ref() is not None for ref in unsharded)
+        try:
+            transform(model, **SCHEDULE)
+        except RaptrError as error:
+            result["second_transform"] = str(error)
+    result["shard_numel"] = sum(p.to_local().numel() for p in model.parameters())
+    result["all_dtensors"] = all(isinstance(p, DTensor) for p in model.parameters())
+    result["decisions"], result["frozen"] = train(model, ctl, model, lambda step: batch(rank, step))
+    result["final"] = [_full(p).tolist() for p in model.parameters()]
+    return result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flow", ["sharded", "meta"])
+def test_fsdp2_matches_a_single_process_run_and_keeps_only_shards(tmp_path, flow):
+    ranks = run_ranks(_worker, tmp_path, flow)
+
+    model = reference_model()
+    ctl = transform(model, **SCHEDULE)
+    both_ranks = lambda step: torch.cat([batch(r, step) for r in range(WORLD)])  # noqa: E731
+    decisions, frozen = train(model, ctl, model, both_ranks)
+
+    assert ranks[0]["decisions"] == ranks[1]["decisions"] == decisions
+    assert any(not all(d) for d in decisions), "some steps must drop units"
+    assert all(ranks[0]["frozen"]) and all(ranks[1]["frozen"]) and ranks[0]["frozen"], "dropped units moved"
+    for got, want in zip(ranks[0]["final"], model.parameters()):
+        torch.testing.assert_close(torch.tensor(got), want.detach(), rtol=1e-4, atol=1e-5)
+    total = sum(p.numel() for p in model.parameters())
+    for rank in ranks:
+        assert rank["all_dtensors"]
+        assert rank["shard_numel"] <= total // WORLD + 64  # each rank holds its shard only
+    if flow == "sharded":
+        # Nothing (the gates included) keeps the unsharded parameters alive after sharding.
+        assert [r["full_size_alive"] for r in ranks] == [0, 0]
+        assert "transform before fully_shard" in ranks[0]["second_transform"]
