@@ -1,0 +1,80 @@
+"""A Hugging Face Llama (transformers 5), transformed through torch.export and compiled: step time
+of the untransformed model, of every unit on, and of half the units on; ratios printed last.
+
+    python benchmarks/llama_speed.py --no-compile                     # CPU smoke test, tiny
+    python benchmarks/llama_speed.py --device cuda --dtype bfloat16 --layers 16 --hidden 2048 --seq 1024 --batch 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+
+import torch
+from common import add_device_args, header, median, timed_steps
+
+import raptr_fx
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per variant per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-compile", dest="compile", action="store_false")
+    add_device_args(parser)
+    args = parser.parse_args()
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    print(header(args), flush=True)
+    config = LlamaConfig(vocab_size=32000, hidden_size=args.hidden, intermediate_size=int(2.6875 * args.hidden),
+                         num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden // 64),
+                         num_key_value_heads=max(1, args.hidden // 256), max_position_embeddings=args.seq)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config).to(args.device)
+    gated = copy.deepcopy(base)
+    batch = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=args.device)
+    half = args.layers // 2
+    # Exact sampling: stage 0 runs exactly half the layers every step, stage 1 all of them.
+    ctl = raptr_fx.transform(gated, raptr_fx.RaPTr(f"{half}-{args.layers}", total_steps=2, sampling="exact"),
+                             example_inputs={"input_ids": batch[:1, :16]})
+    autocast = (torch.autocast(args.device, dtype=torch.bfloat16) if args.dtype == "bfloat16"
+                else contextlib.nullcontext())
+
+    def runner(model: torch.nn.Module):
+        forward = torch.compile(model) if args.compile else model
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+        def step() -> None:
+            with autocast:
+                loss = forward(input_ids=batch, labels=batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return step
+
+    steps = {"base": runner(base), "gated": runner(gated)}
+    for stage in (0, 1):  # warm up (and compile) both gate patterns
+        ctl.load_state_dict({**ctl.state_dict(), "step": stage})
+        timed_steps(steps["gated"], 2, args.device)
+    timed_steps(steps["base"], 2, args.device)
+    samples: dict[str, list[float]] = {"base": [], "all": [], "half": []}
+    for _ in range(args.rounds):
+        samples["base"] += timed_steps(steps["base"], args.steps, args.device)
+        for stage, name in ((0, "half"), (1, "all")):
+            ctl.load_state_dict({**ctl.state_dict(), "step": stage})
+            samples[name] += timed_steps(steps["gated"], args.steps, args.device)
+    t = {k: median(v) for k, v in samples.items()}
+    print(f"median step ms: " + ", ".join(f"{k}={1000 * v:.1f}" for k, v in t.items()))
+    print(f"\nratios (Llama {args.layers} layers, hidden {args.hidden}, compiled={args.compile})")
+    print(f"  overhead (all units on / untransformed)            {t['all'] / t['base']:.3f}")
+    print(f"  {half} of {args.layers} units on / untransformed          {t['half'] / t['base']:.3f}"
+          "  (the layers' share of the step bounds the saving)")
+
+
+if __name__ == "__main__":
+    main()
