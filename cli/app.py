@@ -20,12 +20,17 @@ from raptr_fx.discovery import Discovery, no_blocks_error
 from raptr_fx.report import to_dot, to_json
 
 from .discover import load_model
+from .hf import PREFIX as HF_PREFIX
+from .hf import load_hf
 from .render import discovery_table, schedule_table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="RaPTr for any PyTorch model: find droppable blocks, plan schedules.")
 
-MODEL_HELP = "A .py file defining the model, or an import string package.module[:NAME]."
+MODEL_HELP = ("A .py file defining the model, an import string package.module[:NAME], or hf:ARCH / "
+              "hf:CONFIG_PATH (a Hugging Face architecture built from its config, no weights).")
+Overrides = typer.Option(None, "--set", help="hf: targets: override a config field, e.g. --set num_hidden_layers=80 "
+                         "(repeatable).")
 ModelName = typer.Option(None, "--model", "-m", help="Which model in the file (attribute name).")
 InputShape = typer.Option(None, "--input-shape", help="Example input shape, e.g. 2,16 (overrides the file's "
                           "example_inputs).")
@@ -64,8 +69,13 @@ def _example_inputs(file_inputs: Any, shape: str | None, dtype: str) -> Any:
 
 
 def _discover(target: str, model: str | None, shape: str | None, dtype: str, granularity: str,
-              require_blocks: bool = True) -> Discovery:
-    loaded = load_model(target, model)
+              require_blocks: bool = True, overrides: list[str] | None = None) -> Discovery:
+    if target.startswith(HF_PREFIX):
+        loaded = load_hf(target, overrides or [])
+    elif overrides:
+        raise RaptrError(f"--set overrides config fields of hf: targets; {target} is a model file")
+    else:
+        loaded = load_model(target, model)
     inputs = _example_inputs(loaded.example_inputs, shape, dtype)
     discovery = raptr_fx.discover(loaded.model, inputs, granularity=granularity)
     if require_blocks and not discovery.blocks:
@@ -81,12 +91,13 @@ def inspect(
     input_dtype: str = InputDtype,
     granularity: str = Granularity,
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    overrides: Optional[list[str]] = Overrides,
     debug: bool = Debug,
 ) -> None:
     """List the droppable blocks of a model."""
 
     def action() -> None:
-        discovery = _discover(target, model, input_shape, input_dtype, granularity)
+        discovery = _discover(target, model, input_shape, input_dtype, granularity, overrides=overrides)
         if as_json:
             typer.echo(json.dumps(to_json(discovery), indent=2))
         else:
@@ -103,13 +114,15 @@ def graph(
     input_shape: Optional[str] = InputShape,
     input_dtype: str = InputDtype,
     granularity: str = Granularity,
+    overrides: Optional[list[str]] = Overrides,
     debug: bool = Debug,
 ) -> None:
     """Write the traced graph as Graphviz DOT: residual adds, stream edges and blocks marked."""
 
     def action() -> None:
         # A graph with no blocks is still worth drawing: it shows why none were found.
-        discovery = _discover(target, model, input_shape, input_dtype, granularity, require_blocks=False)
+        discovery = _discover(target, model, input_shape, input_dtype, granularity, require_blocks=False,
+                              overrides=overrides)
         output.write_text(to_dot(discovery))
         _console().print(f"wrote {output} ({len(discovery.traced.graph.nodes)} nodes, "
                          f"{len(discovery.residuals)} residual adds, {len(discovery.droppable)} droppable blocks); "

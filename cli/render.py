@@ -13,6 +13,7 @@ from raptr_fx.report import summary
 from raptr_fx.schedules import overall_compute
 
 _BAR_WIDTH = 30
+_PROBES = {"fake": "fake tensors (no compute, no memory)", "real": "one real forward pass"}
 
 
 def _percent(value: float | None) -> str:
@@ -41,6 +42,7 @@ def discovery_table(discovery: Discovery, console: Console) -> None:
         f"Compute in droppable units: {_percent(totals['droppable_flops_share'])} of forward FLOPs"
         + ("" if totals["droppable_flops_share"] is not None else " (needs example inputs)") + "\n"
         f"Tracer: {totals['tracer']}"
+        + (f"; probe: {_PROBES[totals['probe']]}" if totals["probe"] else "")
     )
 
 

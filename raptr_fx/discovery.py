@@ -10,21 +10,26 @@ in a training step, and how?
 * ``zero`` units are residual branches that are whole modules added to the
   stream by their parent (``x = x + self.attns[i](x)``). Skipped, they return
   zeros, so the parent adds nothing.
+
+This module chooses the units (:class:`_Grouping`); whether each one can be
+skipped, and how its output is rebuilt, is judged in ``skipping.py``.
 """
 
 from __future__ import annotations
 
-import inspect
-from dataclasses import dataclass
+import operator
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import networkx as nx
+import torch
 from torch import fx, nn
 
 from .errors import RaptrError
-from .probe import Probe, probe
+from .probe import Call, Probe, probe
 from .residuals import Residual, dataflow_graph, find_residuals
-from .tracing import TracedModel, normalize_example_inputs, trace
+from .skipping import ObservedOutput, OutputSlot, UnitFacts, judge
+from .tracing import ExampleInputs, TracedModel, normalize_example_inputs, trace
 
 __all__ = ["Block", "Discovery", "discover", "find_blocks"]
 
@@ -52,6 +57,10 @@ class Block:
     reason: str | None = None  # why the unit cannot be dropped
     stream_position: int | None = None  # positional index of the stream argument of forward
     stream_name: str | None = None  # parameter name of the stream argument of forward
+    # What the unit returns: "tensor" (the stream), or a "tuple", "list" or "dict" whose elements
+    # output_slots describe (the stream, an input passed through, a constant), so a gate can rebuild it.
+    output_container: str = "tensor"
+    output_slots: tuple[OutputSlot, ...] = ()
 
 
 @dataclass
@@ -65,6 +74,7 @@ class Discovery:
     granularity: Granularity
     traced: TracedModel
     residuals: list[Residual]
+    probe: str | None = None  # "fake" (fake tensors), "real" (one real forward pass), None (no inputs)
 
     @property
     def droppable(self) -> list[Block]:
@@ -110,9 +120,10 @@ def discover(
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if granularity not in ("layer", "branch"):
         raise ValueError(f"granularity must be 'layer' or 'branch', got {granularity!r}")
-    inputs = normalize_example_inputs(example_inputs)
-    traced = trace(model, inputs, tracer_options)
+    inputs = _on_model_device(model, normalize_example_inputs(example_inputs))
+    # The probe runs first: inputs the model rejects get their own error, not a tracing error.
     measured = probe(model, inputs) if inputs is not None else None
+    traced = trace(model, inputs, tracer_options)
     if measured is not None and not traced.call_counts:
         traced.call_counts.update(measured.call_counts)
     graph = dataflow_graph(traced)
@@ -126,11 +137,26 @@ def discover(
         granularity=granularity,
         traced=traced,
         residuals=residuals,
+        probe=measured.mode if measured is not None else None,
     )
 
 
+def _on_model_device(model: nn.Module, inputs: ExampleInputs | None) -> ExampleInputs | None:
+    """A model on the meta device gets its example inputs moved there too (it has no data to run)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if inputs is None or not tensors or any(t.device.type != "meta" for t in tensors):
+        return inputs
+
+    def to_meta(value: Any) -> Any:
+        return value.to("meta") if isinstance(value, torch.Tensor) else value
+
+    args, kwargs = inputs
+    return tuple(to_meta(a) for a in args), {k: to_meta(v) for k, v in kwargs.items()}
+
+
 class _Grouping:
-    """Assign residual adds to modules; one instance per discovery."""
+    """Choose the units (assign residual adds to modules) and gather the facts that
+    ``skipping.judge`` decides droppability from; one instance per discovery."""
 
     def __init__(self, model: nn.Module, traced: TracedModel, graph: nx.DiGraph,
                  residuals: list[Residual], measured: Probe | None):
@@ -173,14 +199,15 @@ class _Grouping:
             inside = [r for r in self.residuals if self.contained(name, r)]
             if not inside:
                 continue
-            first = inside[0]
-            if first.origin not in self.inputs(name):
+            if inside[0].origin not in self.inputs(name):
                 continue
-            stream_outputs = [o for o in self.outputs(name)
-                              if o is first.add or first.add in nx.ancestors(self.graph, o)]
-            if len(stream_outputs) == 1:
+            if len(self.stream_outputs(name, inside[0].add)) == 1:
                 candidates[name] = inside
         return candidates
+
+    def stream_outputs(self, name: str, first_add: fx.Node) -> list[fx.Node]:
+        """The outputs of module ``name`` that carry the stream after its first residual add."""
+        return [o for o in self.outputs(name) if o is first_add or first_add in nx.ancestors(self.graph, o)]
 
     def layer_units(self) -> dict[str, list[Residual]]:
         """The candidates a user would call layers, with their residual adds."""
@@ -195,15 +222,26 @@ class _Grouping:
             if any(r not in covered for r in inside):
                 own[name] = inside
         chosen: dict[str, list[Residual]] = {}
-        # Outermost first; a unit never swallows two or more other units (a stage of layers).
-        for name in sorted(own, key=lambda n: n.count(".")):
+        # Outermost first. A unit holds at most one other unit, or several sublayers of different
+        # classes (T5Block: self-attention, cross-attention, feed-forward); several units of one
+        # class, or an nn.Sequential of them, are a stage of layers (ResNet's layer1), not a layer.
+        for name in sorted(candidates, key=lambda n: n.count(".")):
             if any(strictly_inside(name, c) for c in chosen):
                 continue
             inner = [o for o in own if strictly_inside(o, name)]
             maximal = [o for o in inner if not any(strictly_inside(o, p) for p in inner)]
-            if len(maximal) <= 1:
+            if len(maximal) <= 1 and name in own:
                 chosen[name] = own[name]
+            elif len(maximal) > 1 and self.sublayers(name, maximal):
+                chosen[name] = candidates[name]
         return chosen
+
+    def sublayers(self, name: str, inner: list[str]) -> bool:
+        """True when the units inside ``name`` are the different sublayers of one layer."""
+        if isinstance(self.modules.get(name), (nn.Sequential, nn.ModuleList)):
+            return False
+        classes = [type(self.modules[n]) for n in inner if n in self.modules]
+        return len(classes) == len(inner) and len(set(classes)) == len(classes)
 
     # -- zero units --------------------------------------------------------------------
     def branch_module(self, residual: Residual) -> str | None:
@@ -262,41 +300,83 @@ class _Grouping:
         flops = None
         if self.measured is not None and self.measured.total_flops:
             flops = self.measured.flops.get(name, 0) / self.measured.total_flops
-        reason, position, arg_name = self.check(name, module, drop, residuals)
-        return Block(name, index, drop, type(module).__name__, params, flops, reason is None, reason,
-                     position, arg_name)
+        verdict = judge(self.facts(name, module, drop, residuals))
+        return Block(name, index, drop, type(module).__name__, params, flops, verdict.reason is None,
+                     verdict.reason, verdict.stream_position, verdict.stream_name,
+                     verdict.output_container, verdict.output_slots)
 
-    def check(self, name: str, module: nn.Module, drop: DropRule,
-              residuals: list[Residual]) -> tuple[str | None, int | None, str | None]:
-        """Why the unit cannot be dropped (None if it can), and which argument is its stream."""
-        calls = self.traced.call_counts.get(name, 1)
-        if calls > 1:
-            return f"called {calls} times per forward (shared weights): one gate cannot tell the calls apart", None, None
-        projection = next((r for r in residuals if r.shortcut), None)
-        if drop == "identity" and projection is not None:
-            shortcut = sorted({s for n in projection.shortcut for s in self.traced.scopes[n][-1:]})
-            where = f" ({', '.join(shortcut)})" if shortcut else ""
-            shapes = self.shape_change(name)
-            shapes = f" and changes the stream's shape{shapes}" if shapes else ""
-            return (f"its shortcut is a projection{where}, not the identity{shapes}: "
-                    "skipping it would change the stream"), None, None
-        if drop == "zero":
-            outside = [p for r in residuals for p in r.params
-                       if not p.startswith(name + ".") and self.param_ndim.get(p, 0) > 1]
-            if outside:
-                return f"the branch also runs weights outside {name} ({outside[0]}); use granularity='layer'", None, None
+    # -- facts for the judgement (skipping.judge) ----------------------------------------
+    def facts(self, name: str, module: nn.Module, drop: DropRule, residuals: list[Residual]) -> UnitFacts:
         call = self.measured.calls.get(name) if self.measured else None
-        if call is not None and call.output_shape is None:
-            return f"returns a {call.output_type}, not one tensor", None, None
-        if self.traced.returns_tensor.get(name) is False:
-            return "returns a tuple or other container, not one tensor", None, None
-        position = self.stream_argument(name, residuals[0])
-        if position is None:
-            return "cannot tell which argument of forward carries the stream", None, None
-        shapes = self.shape_change(name, position)
-        if shapes:
-            return f"it changes the stream's shape{shapes}", None, None
-        return None, *_argument_slot(module, position)
+        output = self.observed_output(name, call)
+        return UnitFacts(
+            name=name,
+            module=module,
+            drop=drop,
+            calls=self.traced.call_counts.get(name, 1),
+            projection=self.projection(residuals),
+            outside_weight=self.outside_weight(name, residuals) if drop == "zero" else None,
+            output=output,
+            computed_from=self.computed_from(name, output),
+            stream_node=self.stream_node(name, drop, residuals),
+            stream_argument=self.stream_argument(name, residuals[0]),
+            arg_shapes=call.arg_shapes if call else None,
+            output_shape=call.output_shape if call else None,
+        )
+
+    def observed_output(self, name: str, call: Call | None) -> ObservedOutput | None:
+        """What the unit returns: the probe sees real structures, torch.fx sees graph nodes; merge both."""
+        traced = self.traced.call_outputs.get(name)
+        if call is None:
+            if traced is not None and traced.container == "tensor" and self.indexed(name):
+                # A leaf module's result is one opaque node; indexing it shows it is a container.
+                return ObservedOutput("result its caller indexes into (pass example inputs to see what it holds)")
+            return traced
+        seen = call.output
+        if traced is not None and [leaf.key for leaf in traced.leaves] == [leaf.key for leaf in seen.leaves]:
+            leaves = [replace(leaf, node=mine.node) for leaf, mine in zip(seen.leaves, traced.leaves)]
+            return replace(seen, leaves=leaves)
+        return seen
+
+    def indexed(self, name: str) -> bool:
+        return any(user.op == "call_function" and user.target is operator.getitem
+                   for node in self.outputs(name) for user in node.users)
+
+    def computed_from(self, name: str, output: ObservedOutput | None) -> dict[int | str, list[str]]:
+        """For each computed output element: the parameters inside the unit it is computed from."""
+        if output is None or output.container == "tensor":
+            return {}
+        region = self.regions[name]
+        found = {}
+        for leaf in output.leaves:
+            if leaf.kind != "tensor":
+                continue
+            # torch.fx gives the node; with torch.export, find it among the unit's outputs by shape.
+            nodes = [leaf.node] if leaf.node is not None else [
+                o for o in self.outputs(name) if _shape(o) == leaf.shape]
+            params = {p for node in nodes for n in (nx.ancestors(self.graph, node) | {node}) & region
+                      for p in self.traced.param_uses.get(n, ())}
+            found[leaf.key] = sorted(params)
+        return found
+
+    def projection(self, residuals: list[Residual]) -> list[str] | None:
+        """The modules of the first projection shortcut, or None when every shortcut is the identity."""
+        residual = next((r for r in residuals if r.shortcut), None)
+        if residual is None:
+            return None
+        return sorted({s for n in residual.shortcut for s in self.traced.scopes[n][-1:]})
+
+    def outside_weight(self, name: str, residuals: list[Residual]) -> str | None:
+        return next((p for r in residuals for p in r.params
+                     if not p.startswith(name + ".") and self.param_ndim.get(p, 0) > 1), None)
+
+    def stream_node(self, name: str, drop: DropRule, residuals: list[Residual]) -> fx.Node | None:
+        """The graph node of the unit's stream output: after its residual adds, or its branch."""
+        if drop == "identity":
+            found = self.stream_outputs(name, residuals[0].add)
+        else:
+            found = [o for o in self.outputs(name) if o is residuals[0].branch or o in residuals[0].branch_nodes]
+        return found[0] if len(found) == 1 else None
 
     def stream_argument(self, name: str, residual: Residual) -> int | str | None:
         if name in self.traced.call_args:
@@ -307,26 +387,13 @@ class _Grouping:
         if self.measured is None or name not in self.measured.calls:
             return 0
         call = self.measured.calls[name]
-        return next((k for k, shape in call.arg_shapes.items() if shape == call.output_shape), None)
-
-    def shape_change(self, name: str, position: int | str | None = None) -> str:
-        if self.measured is None or name not in self.measured.calls:
-            return ""
-        call = self.measured.calls[name]
-        before = call.arg_shapes.get(position if position is not None else 0)
-        if before is None or call.output_shape is None or before == call.output_shape:
-            return ""
-        return f" from {list(before)} to {list(call.output_shape)}"
+        shape = call.output_shape or next((leaf.shape for leaf in call.output.leaves if leaf.kind == "tensor"), None)
+        return next((k for k, s in call.arg_shapes.items() if s == shape), None)
 
 
-def _argument_slot(module: nn.Module, key: int | str) -> tuple[int | None, str | None]:
-    """(position, name) of a forward argument given as a position or a keyword."""
-    params = list(inspect.signature(module.forward).parameters.values())
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if isinstance(key, int):
-        return key, positional[key].name if key < len(positional) else None
-    position = next((i for i, p in enumerate(positional) if p.name == key), None)
-    return position, key
+def _shape(node: fx.Node) -> tuple[int, ...] | None:
+    val = node.meta.get("val")
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
 
 
 def no_blocks_error(discovery: Discovery) -> RaptrError:

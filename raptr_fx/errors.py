@@ -19,10 +19,6 @@ class TracingError(RaptrError):
 
 
 class RaptrWarning(UserWarning):
-    """Something raptr_fx noticed that may make training differ from what the user expects."""
-
-
-class RaptrWarning(UserWarning):
     """A likely mistake in how the controller is driven; the message says what to do."""
 
 

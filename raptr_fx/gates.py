@@ -26,6 +26,8 @@ import torch.distributed as dist
 from torch import nn
 
 from .discovery import Block
+from .errors import RaptrError
+from .skipping import skipped_output, stream_output, with_stream_output
 
 __all__ = ["GateState", "GatedForward", "install_gate", "remove_gates"]
 
@@ -106,6 +108,10 @@ class GatedForward:
         position = self.block.stream_position
         if position is not None and len(args) > position:
             return args[position]
+        if self.block.stream_name not in kwargs:
+            raise RaptrError(f"{self.block.name} was called without its stream argument "
+                             f"{self.block.stream_name!r} (position {position}), which discovery traced: "
+                             "call it as the traced model did, or transform again")
         return kwargs[self.block.stream_name]
 
     def with_stream(self, args: tuple, kwargs: dict, x: torch.Tensor) -> tuple[tuple, dict]:
@@ -114,18 +120,25 @@ class GatedForward:
             return (*args[:position], x, *args[position + 1:]), kwargs
         return args, {**kwargs, self.block.stream_name: x}
 
-    def rescale(self, x: torch.Tensor, out: torch.Tensor, scale: Any) -> torch.Tensor:
+    def rescale_stream(self, x: torch.Tensor, stream: torch.Tensor, scale: Any) -> torch.Tensor:
         if self.block.drop == "identity":
-            return x + (out - x) * scale  # scale the unit's residual update
-        return out * scale  # scale the branch
+            return x + (stream - x) * scale  # scale the unit's residual update
+        return stream * scale  # scale the branch
 
-    def skipped(self, x: torch.Tensor) -> torch.Tensor:
+    def rescale(self, x: torch.Tensor, out: Any, scale: Any) -> Any:
+        """Rescale the stream element of the unit's output; pass-through elements stay as they are."""
+        stream = stream_output(self.block, out)
+        return with_stream_output(self.block, out, self.rescale_stream(x, stream, scale))
+
+    def skipped(self, x: torch.Tensor, args: tuple, kwargs: dict) -> Any:
+        """The unit's output without running it: the stream (or zeros) in the stream's place and, for a
+        unit returning a tuple or dict, its pass-through values in theirs (``skipping.skipped_output``)."""
         out = x if self.block.drop == "identity" else torch.zeros_like(x)
         if torch.is_grad_enabled() and _distributed():
             params = self.parameters()
             if params:
                 out = out + _ZeroGradients.apply(x, *params)
-        return out
+        return skipped_output(self.block, args, kwargs, out)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if not self.module.training:
@@ -140,27 +153,30 @@ class GatedForward:
         """Decide on the host, then skip the unit or run ``forward`` (and rescale)."""
         x = self.stream(args, kwargs)
         if not self.state.keep[self.index]:
-            return self.skipped(x)
+            return self.skipped(x, args, kwargs)
         out = forward(*args, **kwargs)
         scale = self.state.scale[self.index]
         return out if scale == 1.0 or not self.scaled else self.rescale(x, out, scale)
 
-    def with_cond(self, args: tuple, kwargs: dict) -> torch.Tensor:
+    def with_cond(self, args: tuple, kwargs: dict) -> Any:
         index = self.index
 
         def run(x: torch.Tensor) -> torch.Tensor:
             call_args, call_kwargs = self.with_stream(args, kwargs, x)
-            out = self.original(*call_args, **call_kwargs)
+            out = stream_output(self.block, self.original(*call_args, **call_kwargs))
             if self.scaled:
                 scale = self.state.scale_tensor[index]
-                out = torch.where(scale == 1.0, out, self.rescale(x, out, scale.to(out.dtype)))
+                out = torch.where(scale == 1.0, out, self.rescale_stream(x, out, scale.to(out.dtype)))
             return out
 
         def skip(x: torch.Tensor) -> torch.Tensor:
             # torch.cond branches may not return an input as is.
             return x.clone() if self.block.drop == "identity" else torch.zeros_like(x)
 
-        return torch.cond(self.state.keep_tensor[index], run, skip, (self.stream(args, kwargs),))
+        # torch.cond carries the stream only; a unit's other outputs are pass-throughs of its inputs
+        # (discovery checked), so the same structure is rebuilt around either branch's stream.
+        stream = torch.cond(self.state.keep_tensor[index], run, skip, (self.stream(args, kwargs),))
+        return skipped_output(self.block, args, kwargs, stream)
 
 
 @torch.compiler.disable

@@ -19,6 +19,7 @@ def summary(discovery: Discovery) -> dict[str, Any]:
     return {
         "model": discovery.model_type,
         "tracer": discovery.tracer,
+        "probe": discovery.probe,  # "fake" (fake tensors), "real" (one real pass) or None (no example inputs)
         "granularity": discovery.granularity,
         "units": len(discovery.blocks),
         "droppable_units": len(droppable),

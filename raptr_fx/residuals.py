@@ -27,8 +27,15 @@ __all__ = ["Residual", "dataflow_graph", "find_residuals"]
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_", "__add__", "__iadd__", "__radd__"}
 _ADD_ATEN = {"aten.add.Tensor", "aten.add_.Tensor"}
-# Ops that pass the stream on unchanged in value (export records RMSNorm's ``x.to(float32)`` this way).
-_PASS_THROUGH = {"to", "_to_copy", "alias", "clone", "contiguous", "detach", "type", "float"}
+# Ops that pass the stream on unchanged in value (export records RMSNorm's ``x.to(float32)`` this way),
+# and reshapes: the values stay, only the layout changes (a unit that does not restore the shape is
+# caught by the shape check).
+_PASS_THROUGH = {"to", "_to_copy", "alias", "clone", "contiguous", "detach", "type", "float",
+                 "view", "reshape", "_unsafe_view", "flatten", "unflatten"}
+# Ops that read only their input's shape, dtype and device (``torch.ones_like(x)`` builds a mask):
+# no data flows from the input to them.
+_METADATA_FACTORIES = {"ones_like", "zeros_like", "empty_like", "full_like", "new_ones", "new_zeros",
+                       "new_empty", "new_full"}
 # A projection shortcut is short (conv + norm); a residual branch is longer than its shortcut.
 _MAX_SHORTCUT_OPS = 3
 
@@ -55,51 +62,111 @@ def is_add(node: fx.Node) -> bool:
 def dataflow_graph(traced: TracedModel) -> nx.DiGraph:
     """The graph of value flow: shape queries cut, so ``arange(x.size(1))`` does not depend on ``x``."""
     graph = nx.DiGraph()
+    order = {n: i for i, n in enumerate(traced.graph.nodes)}
     for node in traced.graph.nodes:
         graph.add_node(node)
+        if _op_name(node) in _METADATA_FACTORIES:
+            continue
         for arg in node.all_input_nodes:
             if not is_shape_query(arg):
                 graph.add_edge(arg, node)
+        if _is_inplace(node):
+            # ``h.add_(y)`` updates h: later readers of h read the update (torch.fx records them as
+            # readers of h itself; torch.export's functional graph needs no help).
+            target = node.args[0]
+            for user in target.users:
+                if order[user] > order[node] and not is_shape_query(user):
+                    graph.add_edge(node, user)
     return graph
 
 
-def _before_pass_through(node: fx.Node) -> fx.Node:
-    while True:
-        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-        if node.op not in ("call_method", "call_function") or str(name).split(".")[0] not in _PASS_THROUGH:
-            return node
-        inputs = [a for a in node.all_input_nodes if not is_shape_query(a)]
-        if len(inputs) != 1:
-            return node
-        node = inputs[0]
+def _is_inplace(node: fx.Node) -> bool:
+    name = _op_name(node)
+    return (node.op == "call_method" and name.endswith("_") and not name.startswith("_")
+            and bool(node.args) and isinstance(node.args[0], fx.Node))
+
+
+def _op_name(node: fx.Node) -> str:
+    """``clone`` for ``x.clone()``, ``torch.clone`` and ``aten.clone.default`` alike."""
+    if node.op == "call_method":
+        return str(node.target)
+    if node.op == "call_function":
+        return str(getattr(node.target, "__name__", "")).split(".")[0]
+    return ""
+
+
+def _before_pass_through(node: fx.Node, scopes: dict[fx.Node, tuple[str, ...]], within: tuple[str, ...]) -> fx.Node:
+    """The value ``node`` copies, views or casts, walking back through such ops inside module ``within``.
+
+    The walk stays inside the add's module: a reshape at the end of the previous layer belongs to
+    that layer, so the stream a layer receives stays its input.
+    """
+    while (_op_name(node) in _PASS_THROUGH and node.args and isinstance(node.args[0], fx.Node)
+           and scopes.get(node, ())[:len(within)] == within):
+        node = node.args[0]  # the tensor is the first argument; the rest are sizes, dtypes, devices
+    return node
 
 
 def _compute_ops(nodes: frozenset[fx.Node]) -> int:
     return sum(1 for n in nodes if not (n.op == "call_function" and n.target is operator.getitem))
 
 
+class _Ancestry:
+    """Every node's ancestors as a bitmask over graph order, built in one pass.
+
+    Graph order is topological (arguments come before their users), so each mask is the OR of
+    its predecessors' masks. Membership is one bit test and a path is found among the few nodes
+    between its ends: no graph search per add, which was quadratic on 80-layer models.
+    """
+
+    def __init__(self, graph: nx.DiGraph, nodes: list[fx.Node]):
+        self.nodes = nodes
+        self.index = {n: i for i, n in enumerate(nodes)}
+        self.bits: dict[fx.Node, int] = {}
+        for node in nodes:
+            mask = 0
+            for parent in graph.predecessors(node):
+                mask |= self.bits[parent] | (1 << self.index[parent])
+            self.bits[node] = mask
+
+    def is_ancestor(self, node: fx.Node, of: fx.Node) -> bool:
+        return bool(self.bits[of] >> self.index[node] & 1)
+
+    def any_ancestor(self, nodes: set[fx.Node], of: fx.Node) -> bool:
+        return any(self.is_ancestor(n, of) for n in nodes)
+
+    def latest_common(self, u: fx.Node, v: fx.Node) -> fx.Node | None:
+        """The last node (in graph order) that both ``u`` and ``v`` are computed from."""
+        common = self.bits[u] & self.bits[v]
+        return self.nodes[common.bit_length() - 1] if common else None
+
+    def path(self, origin: fx.Node, end: fx.Node) -> frozenset[fx.Node]:
+        """Every node on a path ``origin -> end``, ``end`` included."""
+        start = self.index[origin] + 1
+        between = self.bits[end] >> start  # ancestors of end that come after origin
+        found = {end}
+        while between:
+            low = between & -between
+            node = self.nodes[start + low.bit_length() - 1]
+            if self.is_ancestor(origin, node):
+                found.add(node)
+            between ^= low
+        return frozenset(found)
+
+
 def find_residuals(traced: TracedModel, graph: nx.DiGraph) -> list[Residual]:
     """Every residual add of ``traced``, in graph order."""
-    ancestors: dict[fx.Node, set[fx.Node]] = {}
-    descendants: dict[fx.Node, set[fx.Node]] = {}
-    order = {n: i for i, n in enumerate(traced.graph.nodes)}
-
-    def anc(node: fx.Node) -> set[fx.Node]:
-        if node not in ancestors:
-            ancestors[node] = nx.ancestors(graph, node)
-        return ancestors[node]
-
-    def path(origin: fx.Node, end: fx.Node) -> frozenset[fx.Node]:
-        if origin not in descendants:
-            descendants[origin] = nx.descendants(graph, origin)
-        return frozenset(descendants[origin] & anc(end)) | {end}
+    ancestry = _Ancestry(graph, list(traced.graph.nodes))
 
     def params_of(nodes: frozenset[fx.Node]) -> frozenset[str]:
         return frozenset().union(*(traced.param_uses.get(n, frozenset()) for n in nodes))
 
+    def source(node: fx.Node, add: fx.Node) -> fx.Node:
+        return _before_pass_through(node, traced.scopes, traced.scopes.get(add, ()))
+
     def carries_data(node: fx.Node) -> bool:
         """The stream is computed from the caller's inputs and is floating point (not ids or masks)."""
-        fed = node in user_inputs or not user_inputs.isdisjoint(anc(node))
+        fed = node in user_inputs or ancestry.any_ancestor(user_inputs, node)
         return fed and traced.is_float(node)
 
     user_inputs = set(traced.user_inputs)
@@ -110,35 +177,37 @@ def find_residuals(traced: TracedModel, graph: nx.DiGraph) -> list[Residual]:
         operands = [a for a in node.args[:2] if isinstance(a, fx.Node)]
         if len(operands) != 2 or not all(traced.is_value(a) for a in operands):
             continue
-        residual = _classify(node, *operands, anc=anc, path=path, params_of=params_of, found=found, order=order)
+        residual = _classify(node, *operands, ancestry=ancestry, params_of=params_of, found=found,
+                             source=lambda n, add=node: source(n, add))
         if residual is not None and residual.params and carries_data(residual.origin):
-            origin = _before_pass_through(residual.origin)
+            origin = source(residual.origin, node)
             if origin is not residual.origin:
                 residual = replace(residual, origin=origin,
-                                   branch_nodes=residual.branch_nodes | path(origin, residual.origin))
+                                   branch_nodes=residual.branch_nodes | ancestry.path(origin, residual.origin))
             found[node] = residual
     return list(found.values())
 
 
-def _classify(add, u, v, *, anc, path, params_of, found, order) -> Residual | None:
-    # x + f(x): one operand is computed from the other.
+def _classify(add, u, v, *, ancestry: _Ancestry, params_of, found, source) -> Residual | None:
+    # x + f(x): one operand is computed from the other, or from the value it copies
+    # (``h = x.clone(); h += f(x)``).
     for stream, branch in ((v, u), (u, v)):
-        if stream in anc(branch):
-            nodes = path(stream, branch)
-            return Residual(add, stream, branch, stream, nodes, params_of(nodes))
+        for origin in (stream, source(stream)):
+            if ancestry.is_ancestor(origin, branch):
+                nodes = ancestry.path(origin, branch)
+                return Residual(add, stream, branch, origin, nodes, params_of(nodes))
     # (x + f(x)) + g(x): a second branch from the same origin, added to the updated stream.
     for stream, branch in ((u, v), (v, u)):
         previous = found.get(stream)
-        if previous is not None and previous.origin in anc(branch):
-            nodes = path(previous.origin, branch)
+        if previous is not None and ancestry.is_ancestor(previous.origin, branch):
+            nodes = ancestry.path(previous.origin, branch)
             return Residual(add, stream, branch, previous.origin, nodes, params_of(nodes))
     # proj(x) + f(x): both sides computed from x, one a short parametrised shortcut.
-    common = anc(u) & anc(v)
-    if not common:
+    origin = ancestry.latest_common(u, v)
+    if origin is None:
         return None
-    origin = max(common, key=order.__getitem__)
     for shortcut, branch in ((u, v), (v, u)):
-        short_nodes, branch_nodes = path(origin, shortcut), path(origin, branch)
+        short_nodes, branch_nodes = ancestry.path(origin, shortcut), ancestry.path(origin, branch)
         if (
             _compute_ops(short_nodes) <= _MAX_SHORTCUT_OPS
             and _compute_ops(branch_nodes) > _compute_ops(short_nodes)

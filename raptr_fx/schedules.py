@@ -31,6 +31,12 @@ Sampling = Literal["bernoulli", "exact"]
 Scaling = Literal["inverse", "none"]
 
 
+def _require_number(name: str, value: object) -> None:
+    """A TypeError naming the value, before a comparison would raise a bare one."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+
+
 @dataclass(frozen=True)
 class Stage:
     """One RaPTr stage: its length and the size of the subnetwork.
@@ -44,11 +50,14 @@ class Stage:
     keep: float | None = None  # p: keep probability of each non-fixed unit
 
     def __post_init__(self) -> None:
-        if not isinstance(self.steps, int) or self.steps <= 0:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps <= 0:
             raise ValueError(f"Stage.steps must be a positive int, got {self.steps!r}")
         if (self.active is None) == (self.keep is None):
             raise ValueError(f"give exactly one of Stage.active or Stage.keep, got active={self.active!r}, "
                              f"keep={self.keep!r}")
+        for name in ("active", "keep"):
+            if getattr(self, name) is not None:
+                _require_number(f"Stage.{name}", getattr(self, name))
         if self.keep is not None and not 0.0 < self.keep <= 1.0:
             raise ValueError(f"Stage.keep must be in (0, 1], got {self.keep!r}")
         if self.active is not None and self.active <= 0:
@@ -122,6 +131,8 @@ class RaPTr(Schedule):
             lengths = [base + (1 if i >= len(sizes) - extra else 0) for i in range(len(sizes))]
             resolved = tuple(Stage(n, active=k) for n, k in zip(lengths, sizes))
         else:
+            if not isinstance(self.stages, (list, tuple)):
+                raise TypeError(f"stages must be a string like '6-8-10-12' or a list of Stage, got {self.stages!r}")
             resolved = tuple(self.stages)
             if not resolved or not all(isinstance(s, Stage) for s in resolved):
                 raise ValueError(f"stages must be a string like '6-8-10-12' or a list of Stage, got {self.stages!r}")
@@ -129,10 +140,32 @@ class RaPTr(Schedule):
             if self.total_steps is not None and covered != self.total_steps:
                 raise ValueError(f"stages cover {covered} steps but total_steps={self.total_steps}")
         object.__setattr__(self, "resolved", resolved)
+        self._refuse_shrinking()
         if not isinstance(self.fixed_units, str):
-            object.__setattr__(self, "fixed_units", tuple(self.fixed_units))
+            indices = tuple(self.fixed_units) if isinstance(self.fixed_units, (list, tuple, range, set)) else None
+            if indices is None or any(isinstance(i, bool) or not isinstance(i, int) for i in indices):
+                raise TypeError(f"fixed_units must be 'ends' or a list of unit indices, got {self.fixed_units!r}")
+            object.__setattr__(self, "fixed_units", indices)
         elif self.fixed_units != "ends":
             raise ValueError(f"fixed_units must be 'ends' or a list of unit indices, got {self.fixed_units!r}")
+
+    def _refuse_shrinking(self) -> None:
+        """RaPTr's subnetwork grows; a schedule that shrinks it is Progressive Layer Dropping's idea."""
+        stages = list(self.resolved)
+        while stages and stages[0].keep == 1.0:  # a full-model warm-up may come first (UL2)
+            stages.pop(0)
+        for before, after in zip(stages, stages[1:]):
+            # Stages given one as active units and one as keep probability compare only once L is known.
+            field_name = next((f for f in ("active", "keep")
+                               if getattr(before, f) is not None and getattr(after, f) is not None), None)
+            if field_name is not None and getattr(after, field_name) < getattr(before, field_name):
+                what = "active units" if field_name == "active" else "keep probability"
+                raise ValueError(
+                    f"RaPTr stages {self.describe().removeprefix('RaPTr ')} shrink ({what} "
+                    f"{getattr(before, field_name):g} then {getattr(after, field_name):g}): RaPTr grows its "
+                    "subnetwork stage by stage. To drop more "
+                    "layers as training goes on, use ProgressiveLayerDrop (the prior method the RaPTr "
+                    "paper argues against)")
 
     def fixed(self, num_units: int) -> frozenset[int]:
         if self.fixed_units == "ends":
@@ -192,6 +225,8 @@ class ProgressiveLayerDrop(Schedule):
     scaling: Scaling = "inverse"
 
     def __post_init__(self) -> None:
+        _require_number("theta_bar", self.theta_bar)
+        _require_number("gamma", self.gamma)
         if not 0.0 < self.theta_bar <= 1.0:
             raise ValueError(f"theta_bar must be in (0, 1], got {self.theta_bar!r}")
         if self.gamma < 0:
@@ -210,6 +245,7 @@ class StochasticDepth(Schedule):
     scaling: Scaling = "inverse"
 
     def __post_init__(self) -> None:
+        _require_number("drop_rate", self.drop_rate)
         if not 0.0 <= self.drop_rate < 1.0:
             raise ValueError(f"drop_rate must be in [0, 1), got {self.drop_rate!r}")
 
@@ -225,6 +261,7 @@ class LayerDrop(Schedule):
     scaling: Scaling = "none"
 
     def __post_init__(self) -> None:
+        _require_number("LayerDrop p", self.p)
         if not 0.0 <= self.p < 1.0:
             raise ValueError(f"LayerDrop p must be in [0, 1), got {self.p!r}")
 
@@ -254,8 +291,14 @@ class StagePlan:
 
 def plan(schedule: Schedule, num_units: int, weights: Sequence[float] | None = None) -> list[StagePlan]:
     """Expected compute per stage; ``weights`` are the units' costs (FLOPs share, else parameters)."""
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"schedule must be a raptr_fx Schedule, got {schedule!r}")
+    if isinstance(num_units, bool) or not isinstance(num_units, int) or num_units <= 0:
+        raise ValueError(f"num_units must be a positive int, got {num_units!r}")
     schedule.validate(num_units)
     weights = list(weights) if weights is not None else [1.0] * num_units
+    if len(weights) != num_units:
+        raise ValueError(f"weights has {len(weights)} entries for {num_units} units")
     total = sum(weights) or 1.0
     rows = []
     for i, (start, end) in enumerate(schedule.stage_bounds()):

@@ -21,6 +21,7 @@ import torch
 from torch import fx, nn
 
 from .errors import TracingError
+from .skipping import ObservedOutput, observe
 
 __all__ = ["TracedModel", "trace", "normalize_example_inputs"]
 
@@ -47,8 +48,8 @@ class TracedModel:
     call_counts: Counter[str]  # how often each module ran in one forward
     # module name -> the graph node passed as each argument of its (single) call; torch.fx only
     call_args: dict[str, dict[int | str, fx.Node]] = field(default_factory=dict)
-    # module name -> whether its call returned one tensor (False: a tuple/dict); torch.fx only
-    returns_tensor: dict[str, bool] = field(default_factory=dict)
+    # module name -> what its (first) call returned, element by element; torch.fx only
+    call_outputs: dict[str, ObservedOutput] = field(default_factory=dict)
 
     def is_value(self, node: fx.Node) -> bool:
         """True for nodes that carry tensor data (not parameters, constants or shapes)."""
@@ -97,7 +98,7 @@ class _RecordingTracer(fx.Tracer):
         self.extra_leaf_modules = tuple(extra_leaf_modules)
         self.call_counts: Counter[str] = Counter()
         self.call_args: dict[str, dict[int | str, fx.Node]] = {}
-        self.returns_tensor: dict[str, bool] = {}
+        self.call_outputs: dict[str, ObservedOutput] = {}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self.extra_leaf_modules and isinstance(m, self.extra_leaf_modules):
@@ -114,7 +115,8 @@ class _RecordingTracer(fx.Tracer):
                     nodes[key] = value.node
             self.call_args[name] = nodes
         result = super().call_module(m, forward, args, kwargs)
-        self.returns_tensor.setdefault(name, isinstance(result, fx.Proxy))
+        if name not in self.call_outputs:
+            self.call_outputs[name] = observe(result, args, kwargs, lambda v: isinstance(v, fx.Proxy))
         return result
 
 
@@ -162,7 +164,7 @@ def _trace_symbolic(model: nn.Module, tracer_options: dict[str, Any]) -> TracedM
         user_outputs=list(output.all_input_nodes),
         call_counts=tracer.call_counts,
         call_args=tracer.call_args,
-        returns_tensor=tracer.returns_tensor,
+        call_outputs=tracer.call_outputs,
     )
 
 
@@ -243,8 +245,9 @@ def trace(
     else:
         failures.append("torch.export (non-strict): skipped, needs example inputs")
     reasons = "\n".join(f"  - {line}" for line in failures)
-    raise TracingError(
-        f"could not trace {type(model).__name__}:\n{reasons}\n"
-        "Fix: pass example inputs (find_blocks(model, example_inputs=...) or --input-shape), "
-        "or mark the module that fails as a leaf (leaf_modules=[ThatModule])."
-    )
+    # With example inputs, the model already ran on them (the probe): the tracers are what failed.
+    fix = ("mark the module that fails as a leaf (leaf_modules=[ThatModule]), or simplify the "
+           "Python control flow that torch.export reports" if example_inputs is not None else
+           "pass example inputs (find_blocks(model, example_inputs=...) or --input-shape), "
+           "or mark the module that fails as a leaf (leaf_modules=[ThatModule])")
+    raise TracingError(f"could not trace {type(model).__name__}:\n{reasons}\nFix: {fix}.")

@@ -163,3 +163,136 @@ def test_debug_shows_the_traceback(cli, tmp_path):
     result = cli("inspect", path, "--debug")
     assert result.exit_code == 1
     assert result.exception is not None and "boom" in str(result.exception)
+
+
+# --- issue 8: model files without a make_* factory, hf: targets ----------------------------------
+ISSUE_FILE = """
+    import torch
+    from torch import nn
+
+    class ResidualMLP(nn.Module):
+        def __init__(self, d=16, depth=5):
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Linear(d, d) for _ in range(depth)])
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = x + layer(x)
+            return x
+
+    def build():
+        return ResidualMLP()
+"""
+
+CLASSES_FILE = """
+    from torch import nn
+
+    class Layer(nn.Module):
+        def __init__(self, d=16):
+            super().__init__()
+            self.fc = nn.Linear(d, d)
+
+        def forward(self, x):
+            return x + self.fc(x)
+
+    class Net(nn.Module):  # contains Layer: Net is the model
+        def __init__(self, depth=3):
+            super().__init__()
+            self.layers = nn.Sequential(*[Layer() for _ in range(depth)])
+
+        def forward(self, x):
+            return self.layers(x)
+
+    class NeedsArguments(nn.Module):
+        def __init__(self, width):
+            super().__init__()
+"""
+
+
+@pytest.mark.parametrize("body, model, units", [
+    (ISSUE_FILE, "ResidualMLP", 5),  # a zero-argument function of any name returning a module
+    (CLASSES_FILE, "Net", 3),  # the outermost class that builds without arguments
+    ("from torch import nn\nfrom tests.fixtures.models import GPT\n\ndef get():\n    model = GPT(n_layer=2)\n"
+     "    return model\n", "GPT", 2),  # returns a local built from a module class
+])
+def test_model_file_loading_rules(cli, tmp_path, body, model, units):
+    result = cli("inspect", write(tmp_path, body), "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["model"] == model and data["droppable_units"] == units
+
+
+def test_several_candidates_are_listed_with_how_to_pick(cli, tmp_path):
+    body = CLASSES_FILE + "\n    class Other(nn.Module):\n        def forward(self, x):\n            return x\n"
+    path = write(tmp_path, body)
+    result = cli("inspect", path)
+    assert result.exit_code == 1
+    text = " ".join(result.output.split())
+    assert (f"several models in {path} (nn.Module classes that build without arguments: Net, Other): pick one "
+            f"with --model NAME or {path}:NAME, e.g. --model Net") in text
+    assert cli("inspect", path, "--model", "Net", "--json").exit_code == 0
+
+
+def _needs_transformers():
+    return pytest.importorskip("transformers")
+
+
+def test_inspect_hf_golden(cli):
+    _needs_transformers()
+    result = cli("inspect", "hf:gpt2", "--set", "n_layer=2")
+    assert result.exit_code == 0, result.output
+    golden("inspect_hf_gpt2.txt", result.output)
+
+
+def test_inspect_hf_t5_json(cli):
+    _needs_transformers()
+    result = cli("inspect", "hf:t5", "--set", "num_layers=2", "--set", "num_decoder_layers=2", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["model"] == "T5ForConditionalGeneration" and data["probe"] == "fake"
+    assert [(b["name"], b["droppable"]) for b in data["blocks"]] == [
+        ("encoder.block.0", False), ("encoder.block.1", True), ("decoder.block.0", False), ("decoder.block.1", True)]
+    assert data["blocks"][1]["output_slots"][1] == {"key": 1, "role": "input", "source_position": 2,
+                                                    "source_name": "position_bias", "value": None}
+
+
+def test_inspect_hf_local_config_and_graph(cli, tmp_path):
+    transformers = _needs_transformers()
+    transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                             num_attention_heads=2, num_key_value_heads=1).save_pretrained(tmp_path)
+    for target in (f"hf:{tmp_path}", f"hf:{tmp_path / 'config.json'}"):
+        result = cli("inspect", target, "--set", "num_hidden_layers=4", "--json")
+        assert result.exit_code == 0, result.output
+        data = json.loads(result.output)
+        assert data["model"] == "LlamaForCausalLM" and data["droppable_units"] == 4
+    out = tmp_path / "llama.dot"
+    result = cli("graph", f"hf:{tmp_path}", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    assert out.read_text().count("subgraph cluster_") == 3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["hf:lama"], "hf:lama is neither a local config (file or directory) nor an architecture transformers knows"),
+    (["hf:gpt2", "--set", "n_layers=2"], "--set n_layers: GPT2Config has no field 'n_layers'; did you mean n_layer"),
+    (["hf:gpt2", "--set", "n_layer"], "--set 'n_layer' is not of the form key=value"),
+    ([EXAMPLE, "--set", "n_layer=2"], "--set overrides config fields of hf: targets"),
+])
+def test_inspect_hf_errors(cli, args, message):
+    _needs_transformers()
+    result = cli("inspect", *args)
+    assert result.exit_code == 1 and result.output.startswith("Error: ")
+    assert message in " ".join(result.output.split()) and "Traceback" not in result.output
+
+
+def test_bad_input_shape_is_an_inputs_error(cli):
+    result = cli("inspect", EXAMPLE, "--input-shape", "2,8", "--input-dtype", "float")
+    assert result.exit_code == 1
+    text = " ".join(result.output.split())
+    assert text.startswith("Error: GPT fails on the example inputs model(tensor[2, 8] float32): RuntimeError:")
+
+
+def test_inspect_hf_t5_golden(cli):
+    _needs_transformers()
+    result = cli("inspect", "hf:t5", "--set", "num_layers=3", "--set", "num_decoder_layers=2")
+    assert result.exit_code == 0, result.output
+    golden("inspect_hf_t5.txt", result.output)

@@ -138,3 +138,167 @@ def test_no_blocks_error_is_clear():
 
 def test_public_api_is_small():
     assert set(raptr_fx.__all__) >= {"find_blocks", "transform", "restore", "Block", "RaPTr"}
+
+
+# --- units that return more than the stream (issue 8, part 1) ----------------------------------
+@pytest.mark.parametrize("with_inputs", [False, True], ids=["symbolic", "with-inputs"])
+def test_tuple_and_dict_outputs(with_inputs):
+    from raptr_fx.skipping import OutputSlot
+    from tests.fixtures.models import TupleStack
+
+    blocks = {b.name: b for b in find_blocks(TupleStack(), features() if with_inputs else None)}
+    assert list(blocks) == ["single.0", "single.1", "weights", "masked.0", "masked.1"]
+    single = blocks["single.0"]
+    assert single.droppable and single.output_container == "tuple"
+    assert single.output_slots == (OutputSlot(0, "stream"),)
+    weights = blocks["weights"]
+    assert not weights.droppable
+    assert weights.reason.startswith("output[1]") and "is computed inside weights from weights." in weights.reason
+    assert "a skipped unit cannot produce it" in weights.reason
+    masked = blocks["masked.0"]
+    assert masked.droppable and masked.output_container == "dict" and masked.stream_name == "x"
+    assert masked.output_slots == (OutputSlot("hidden", "stream"), OutputSlot("mask", "input", 1, "mask"),
+                                   OutputSlot("cache", "constant"))
+
+
+def test_nested_or_custom_output_types_are_not_droppable():
+    class Named(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(16, 16)
+
+        def forward(self, x):
+            return {"x": x + self.fc(x), "extra": (x,)}
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = Named()
+
+        def forward(self, x):
+            return self.layer(x)["x"]
+
+    (block,) = find_blocks(Net(), features())
+    assert not block.droppable and block.reason.startswith("output['extra'] is a tuple")
+
+
+def test_pass_through_ops_keep_the_stream():
+    from tests.fixtures.models import PassThroughStack
+
+    for inputs in (None, features()):
+        blocks = find_blocks(PassThroughStack(), inputs)
+        assert [(b.name, b.drop, b.droppable) for b in blocks] == [
+            ("layers.0", "identity", True), ("layers.1", "identity", True), ("layers.2", "identity", True)]
+
+
+# --- bad example inputs (issue 8, part 5) --------------------------------------------------------
+@pytest.mark.parametrize("inputs, shown, error", [
+    ((torch.zeros(2, 8),), "model(tensor[2, 8] float32)", "RuntimeError: Expected tensor for argument #1 'indices'"),
+    ("hello", "model(str 'hello')", "AttributeError: 'str' object has no attribute 'size'"),
+    ({"x": torch.zeros(2, 8, dtype=torch.long)}, "model(x=tensor[2, 8] int64)",
+     "TypeError: GPT.forward() got an unexpected keyword argument 'x'"),
+    ((torch.zeros(2, 8, 3, dtype=torch.long),), "model(tensor[2, 8, 3] int64)",
+     "RuntimeError: Attempting to broadcast a dimension"),
+], ids=["float ids", "string", "dict for a tensor", "extra dimension"])
+def test_bad_example_inputs_give_one_error(inputs, shown, error):
+    from raptr_fx.errors import ExampleInputsError
+    from raptr_fx.gates import GatedForward
+
+    model = GPT()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for call in (lambda: find_blocks(model, inputs),
+                 lambda: raptr_fx.transform(model, "2-4", total_steps=10, example_inputs=inputs)):
+        with pytest.raises(ExampleInputsError) as info:
+            call()
+        message = str(info.value)
+        assert message.startswith(f"GPT fails on the example inputs {shown}: {error}")
+        assert "could not trace" not in message and "pass example inputs (" not in message
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(isinstance(m.__dict__.get("forward"), GatedForward) for m in model.modules())
+
+
+class ReadsValues(nn.Module):
+    """Branches on a value: fake tensors cannot follow it, and neither tracer can capture it."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([GPTBlock() for _ in range(2)])
+
+    def forward(self, x):
+        for block in self.blocks:
+            if x.abs().sum() > 0:
+                x = block(x)
+        return x
+
+
+def test_untraceable_with_inputs_does_not_ask_for_inputs():
+    with pytest.raises(TracingError) as info:
+        find_blocks(ReadsValues(), features())
+    message = str(info.value)
+    assert "could not trace ReadsValues" in message and "pass example inputs" not in message
+    assert "leaf_modules" in message
+
+
+def test_leaf_module_returning_a_tuple():
+    from raptr_fx.skipping import OutputSlot
+    from tests.fixtures.models import ViT
+
+    # nn.MultiheadAttention is a leaf: torch.fx sees one opaque value that ViTBlock indexes ([0]).
+    blocks = {b.name: b for b in find_blocks(ViT(), granularity="branch")}
+    assert not blocks["blocks.0.attn"].droppable
+    assert "pass example inputs to see what it holds" in blocks["blocks.0.attn"].reason
+    # With example inputs the probe sees (attn_output, None): a zero unit returning (zeros, None).
+    attn = {b.name: b for b in find_blocks(ViT(), images(), granularity="branch")}["blocks.0.attn"]
+    assert attn.droppable and attn.drop == "zero"
+    assert attn.output_slots == (OutputSlot(0, "stream"), OutputSlot(1, "constant"))
+
+
+class ExportOnly(nn.Module):
+    """Python control flow on a shape around any model: forces the torch.export path."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        if x.size(0) > 0:
+            return self.inner(x)
+        return x
+
+
+def test_tuple_rule_and_pass_through_ops_through_torch_export():
+    from tests.fixtures.models import PassThroughStack, TupleStack
+
+    discovery = discover(ExportOnly(TupleStack()), features())
+    assert discovery.tracer == "torch.export"
+    assert [b.name for b in discovery.droppable] == ["inner.single.0", "inner.single.1", "inner.masked.0",
+                                                     "inner.masked.1"]
+    (kept,) = [b for b in discovery.blocks if not b.droppable]
+    assert kept.reason.startswith("output[1] (shape [2, 5, 5]) is computed inside inner.weights")
+    discovery = discover(ExportOnly(PassThroughStack()), features())
+    assert [b.name for b in discovery.droppable] == [f"inner.layers.{i}" for i in range(3)]
+
+
+class DictBatch(nn.Module):
+    """Takes one dict argument, as many training loops do: ``model(batch)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([GPTBlock() for _ in range(2)])
+
+    def forward(self, batch):
+        x = batch["x"]
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+@pytest.mark.filterwarnings("ignore:Using a non-tuple sequence")  # torch's own warning on tensor["x"]
+def test_a_tensor_where_a_dict_is_expected():
+    from raptr_fx.errors import ExampleInputsError
+
+    x = features()[0]
+    assert [b.name for b in find_blocks(DictBatch(), ({"x": x},)) if b.droppable] == ["layers.0", "layers.1"]
+    with pytest.raises(ExampleInputsError) as info:
+        find_blocks(DictBatch(), x)
+    assert str(info.value).startswith("DictBatch fails on the example inputs model(tensor[2, 5, 16] float32): ")

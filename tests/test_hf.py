@@ -127,3 +127,135 @@ def test_full_model_schedule_on_gpt2_matches_in_training():
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
     assert torch.equal(model(**inputs()).logits, reference(**inputs()).logits)
+
+
+# --- issue 8: tuple-returning T5 blocks, bad inputs, the meta device ----------------------------
+def t5(layers=3):
+    config = transformers.T5Config(vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=32, num_layers=layers,
+                                   num_decoder_layers=layers, num_heads=2, decoder_start_token_id=0,
+                                   pad_token_id=0, dropout_rate=0.0)
+    return transformers.T5ForConditionalGeneration(config)
+
+
+def t5_inputs():
+    ids = inputs()["input_ids"]
+    return {"input_ids": ids, "decoder_input_ids": ids.flip(1)}
+
+
+def test_t5_blocks_are_units_and_pass_the_position_bias_on():
+    from raptr_fx.skipping import OutputSlot
+
+    blocks = {b.name: b for b in raptr_fx.find_blocks(t5(), t5_inputs())}
+    assert list(blocks) == [f"{stack}.block.{i}" for stack in ("encoder", "decoder") for i in range(3)]
+    assert [n for n, b in blocks.items() if b.droppable] == [
+        "encoder.block.1", "encoder.block.2", "decoder.block.1", "decoder.block.2"]
+    for stack in ("encoder", "decoder"):
+        reason = blocks[f"{stack}.block.0"].reason
+        assert reason == (f"output[1] (shape [1, 2, 8, 8]) is computed inside {stack}.block.0 from "
+                          f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight, not passed "
+                          "through from its inputs: a skipped unit cannot produce it")
+    assert blocks["encoder.block.1"].output_slots == (
+        OutputSlot(0, "stream"), OutputSlot(1, "input", 2, "position_bias"), OutputSlot(2, "constant"))
+    assert blocks["decoder.block.1"].output_slots == (
+        OutputSlot(0, "stream"), OutputSlot(1, "input", 2, "position_bias"),
+        OutputSlot(2, "input", 5, "encoder_decoder_position_bias"))
+
+
+def test_wrong_input_shape_names_the_inputs_not_tracing():
+    config = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                                        bos_token_id=0, eos_token_id=0)
+    model = transformers.MistralForCausalLM(config)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(raptr_fx.errors.ExampleInputsError) as info:
+        transform(model, "1-2", total_steps=10, example_inputs={"input_ids": torch.zeros(2, 8, 3, dtype=torch.long)})
+    message = str(info.value)
+    assert message.startswith("MistralForCausalLM fails on the example inputs model(input_ids=tensor[2, 8, 3] "
+                              "int64): RuntimeError: ")
+    assert "could not trace" not in message and "pass example inputs (" not in message
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(isinstance(m.__dict__.get("forward"), raptr_fx.gates.GatedForward) for m in model.modules())
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_hf_models_on_the_meta_device(name):
+    factory, prefix = MODELS[name]
+    with torch.device("meta"):
+        model = factory()
+    discovery = raptr_fx.discover(model, inputs())
+    assert discovery.probe == "fake"
+    assert [b.name for b in discovery.droppable] == [f"{prefix}.{i}" for i in range(3)]
+
+
+class SkippedT5Block(torch.nn.Module):
+    """A hand-written skip of a T5 block: the stream and the position biases passed on as they came."""
+
+    def forward(self, hidden_states, attention_mask=None, position_bias=None, encoder_hidden_states=None,
+                encoder_attention_mask=None, encoder_decoder_position_bias=None, **kwargs):
+        return hidden_states, position_bias, encoder_decoder_position_bias
+
+
+def t5_loss(model):
+    return model(**t5_inputs()).logits.float().pow(2).mean()
+
+
+@pytest.mark.filterwarnings("ignore::raptr_fx.RaptrWarning")  # decisions pinned by hand: no controller steps
+def test_t5_eval_and_gradients_are_untouched_and_dropped_blocks_train_like_a_hand_written_skip():
+    torch.manual_seed(0)
+    model = t5()
+    reference = copy.deepcopy(model)
+    ctl = transform(model, FullModel(), example_inputs=t5_inputs())
+    assert [b.name for b in ctl.blocks] == ["encoder.block.1", "encoder.block.2", "decoder.block.1", "decoder.block.2"]
+    # eval, and training with every block on: outputs and gradients exactly those of the plain model
+    for train in (False, True):
+        model.train(train), reference.train(train)
+        t5_loss(model).backward(), t5_loss(reference).backward()
+        for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+            assert torch.equal(p.grad, q.grad), name
+        model.zero_grad(), reference.zero_grad()
+    # blocks dropped: a few SGD steps match the model with those blocks replaced by a hand-written skip
+    ctl._state.set([False, True, True, False], [1.0] * 4)
+    dropped_before = model.encoder.block[1].layer[0].SelfAttention.q.weight.clone()
+    reference.encoder.block[1] = SkippedT5Block()
+    reference.decoder.block[2] = SkippedT5Block()
+    model.train(), reference.train()
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, reference)]
+    for _ in range(3):
+        losses = [t5_loss(m) for m in (model, reference)]
+        assert torch.equal(losses[0], losses[1])
+        for loss, optimizer in zip(losses, optimizers):
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    kept = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        if name in kept:
+            assert torch.equal(p, kept[name]), name
+    assert torch.equal(model.encoder.block[1].layer[0].SelfAttention.q.weight, dropped_before)
+
+
+def test_t5_scaling_rescales_only_the_stream():
+    torch.manual_seed(0)
+    model = t5(layers=2)
+    ctl = transform(model, FullModel(), scaling="inverse", example_inputs=t5_inputs())
+    gate = model.encoder.block[1].forward
+    ctl._state.set([True, True], [2.0, 1.0])
+    model.train()
+    x, bias = torch.randn(2, 8, 16), torch.randn(1, 2, 8, 8)
+    out = gate.original(x, None, bias)
+    scaled = gate.gated((x, None, bias), {}, gate.original)
+    assert torch.equal(scaled[0], x + (out[0] - x) * 2.0)  # the stream's update is scaled ...
+    assert scaled[1] is bias and scaled[2] is None  # ... the passed-on bias is not
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_fake_probe_equals_real_probe_on_hf_models(name):
+    from raptr_fx.probe import probe
+    from raptr_fx.tracing import normalize_example_inputs
+
+    factory, _ = MODELS[name]
+    model = factory()
+    example = normalize_example_inputs(inputs())
+    fake, real = probe(model, example, mode="fake"), probe(model, example, mode="real")
+    assert fake.call_counts == real.call_counts
+    assert fake.flops == real.flops and fake.total_flops == real.total_flops > 0

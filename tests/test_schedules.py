@@ -102,3 +102,32 @@ def test_stochastic_depth_layerdrop_full():
         LayerDrop(1.0)
     with pytest.raises(ValueError, match="got -0.1"):
         StochasticDepth(-0.1)
+
+
+# --- issue 8: schedules that shrink, arguments of the wrong type --------------------------------
+@pytest.mark.parametrize("stages, message", [
+    ("12-6", r"RaPTr stages 12-6 shrink \(active units 12 then 6\): RaPTr grows its subnetwork"),
+    ([Stage(5, keep=0.5), Stage(5, keep=0.25)], r"stages p0.5-p0.25 shrink \(keep probability 0.5 then 0.25\)"),
+])
+def test_shrinking_raptr_points_at_progressive_layer_drop(stages, message):
+    with pytest.raises(ValueError, match=message) as info:
+        RaPTr(stages, total_steps=10 if isinstance(stages, str) else None)
+    assert "use ProgressiveLayerDrop" in str(info.value)
+
+
+def test_full_model_warmup_before_a_smaller_stage_is_not_shrinking():
+    RaPTr([Stage(5, keep=1.0), Stage(5, active=6), Stage(5, active=12)])
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: RaPTr(12, total_steps=10), "stages must be a string"),
+    (lambda: RaPTr("2-4", total_steps=10, fixed_units=[0, "last"]), "fixed_units must be 'ends' or a list"),
+    (lambda: Stage(5, active="6"), "Stage.active must be a number, got '6'"),
+    (lambda: ProgressiveLayerDrop(theta_bar="0.5"), "theta_bar must be a number"),
+    (lambda: StochasticDepth(drop_rate=None), "drop_rate must be a number, got None"),
+    (lambda: LayerDrop(p="x"), "LayerDrop p must be a number"),
+    (lambda: plan(FullModel(), 3, [1.0, 2.0]), None),
+])
+def test_wrong_types_raise_type_or_value_errors_naming_the_value(make, message):
+    with pytest.raises((TypeError, ValueError), match=message or "weights has 2 entries for 3 units"):
+        make()

@@ -1,0 +1,69 @@
+"""Units that return a tuple or dict (issue 8): skipped, they return the same structure."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from raptr_fx import FullModel, transform
+from tests.fixtures.models import TupleStack, features
+
+
+class SkipTuple(nn.Module):
+    def forward(self, x):
+        return (x,)
+
+
+class SkipMasked(nn.Module):
+    def forward(self, x, mask):
+        return {"hidden": x, "mask": mask, "cache": None}
+
+
+def pair():
+    torch.manual_seed(0)
+    model = TupleStack()
+    return model, copy.deepcopy(model)
+
+
+def test_skipped_tuple_and_dict_units_match_a_hand_written_skip():
+    model, reference = pair()
+    ctl = transform(model, FullModel(), example_inputs=features())
+    assert [b.name for b in ctl.blocks] == ["single.0", "single.1", "masked.0", "masked.1"]
+    ctl._state.set([False, True, True, False], [1.0] * 4)
+    reference.single[0] = SkipTuple()
+    reference.masked[1] = SkipMasked()
+    out, expected = model(*features()), reference(*features())
+    assert torch.equal(out, expected)
+    out.sum().backward(), expected.sum().backward()
+    grads = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        if name in grads:
+            assert torch.equal(p.grad, grads[name].grad), name
+        else:
+            assert p.grad is None, name  # a skipped unit did not run
+
+
+def test_inverse_scaling_rescales_only_the_stream_element():
+    model, reference = pair()
+    ctl = transform(model, FullModel(), scaling="inverse", example_inputs=features())
+    ctl._state.set([True, True, True, True], [1.0, 1.0, 1.0, 3.0])
+    x, mask = torch.randn(2, 5, 16), torch.ones(2, 5, 1)
+    gate = model.masked[1].forward
+    out = gate(x, mask)
+    plain = reference.masked[1](x, mask)
+    assert torch.allclose(out["hidden"], x + (plain["hidden"] - x) * 3.0)
+    assert out["mask"] is mask and out["cache"] is None
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("compile_mode", ["regional", "cond"])
+def test_compiled_tuple_units_match_eager(compile_mode):
+    torch._dynamo.reset()
+    model, _ = pair()
+    ctl = transform(model, FullModel(), example_inputs=features(), compile_mode=compile_mode,
+                    compile_options={"backend": "eager"})
+    compiled = torch.compile(model, backend="eager")
+    for keep in ([True] * 4, [False, True, True, False], [True, False, False, True]):
+        ctl._state.set(keep, [1.0] * 4)
+        torch.testing.assert_close(compiled(*features()), model(*features()), rtol=0, atol=0)
