@@ -40,17 +40,22 @@ def main() -> None:
             env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "TRITON_CACHE_DIR": cache,
                    **dict(item.split("=", 1) for item in args.env)}
             start = time.perf_counter()
-            # A new session, so a hung run is killed with every process it started.
-            process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                       text=True, start_new_session=True)
-            try:
-                output, _ = process.communicate(timeout=args.timeout)
-                status = "ok" if process.returncode == 0 else f"failed (exit {process.returncode})"
-                failures += process.returncode != 0
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, 9)
-                output, _ = process.communicate()
-                status, hangs = "HUNG", hangs + 1
+            # Output to a file, not a pipe: a hung rank would hold a pipe open after the kill.
+            with open(Path(cache) / "log", "w+") as log:
+                process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+                try:
+                    process.wait(timeout=args.timeout)
+                    status = "ok" if process.returncode == 0 else f"failed (exit {process.returncode})"
+                    failures += process.returncode != 0
+                except subprocess.TimeoutExpired:
+                    process.terminate()  # torchrun passes SIGTERM on to its ranks and ends them
+                    try:
+                        process.wait(timeout=30)
+                    except subprocess.TimeoutExpired:
+                        process.kill()
+                    status, hangs = "HUNG", hangs + 1
+                log.seek(0)
+                output = log.read()
         print(f"run {run + 1:2d}/{args.runs}: {status:18s} {time.perf_counter() - start:6.1f} s", flush=True)
         if status != "ok":
             print("  " + "\n  ".join((output or "").strip().splitlines()[-15:]), flush=True)

@@ -12,6 +12,7 @@ loader (with a DistributedSampler) in its place.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import time
 
@@ -39,8 +40,20 @@ def main() -> None:
     parser.add_argument("--compile-mode", default="regional", choices=["regional", "cond"])
     args = parser.parse_args()
 
+    dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+    try:
+        train(args)
+        # The wrapped model lives in train() so that it is freed while the process group is up
+        # (plus a collection for anything held in reference cycles). Freed after
+        # destroy_process_group(), it tears the gloo group down while holding the GIL, which
+        # deadlocked with gloo's worker thread at exit here (pytorch#56297).
+        gc.collect()
+    finally:
+        dist.destroy_process_group()
+
+
+def train(args: argparse.Namespace) -> None:
     cuda = args.device == "cuda"
-    dist.init_process_group("nccl" if cuda else "gloo")
     rank, local_rank = dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
     if cuda:
@@ -74,7 +87,6 @@ def main() -> None:
     if rank == 0:
         print(f"done: {args.steps} steps on {dist.get_world_size()} ranks in {time.perf_counter() - start:.1f} s, "
               f"{ctl.expected_compute:.0%} of the units' compute", flush=True)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

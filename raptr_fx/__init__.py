@@ -6,12 +6,12 @@
 
 from .controller import Controller, restore, transform
 from .discovery import Block, Discovery, discover, find_blocks
-from .errors import RaptrError, RaptrWarning, TracingError
+from .errors import ExampleInputsError, RaptrError, RaptrWarning, TracingError
 from .schedules import (FullModel, LayerDrop, ProgressiveLayerDrop, RaPTr, Schedule, Stage,
                         StagePlan, StochasticDepth, plan)
 
 __all__ = [
-    "Block", "Controller", "Discovery", "FullModel", "LayerDrop", "ProgressiveLayerDrop", "RaPTr",
+    "Block", "Controller", "Discovery", "ExampleInputsError", "FullModel", "LayerDrop", "ProgressiveLayerDrop", "RaPTr",
     "RaptrError", "RaptrWarning", "Schedule", "Stage", "StagePlan", "StochasticDepth", "TracingError", "discover",
     "find_blocks", "plan", "restore", "transform",
 ]

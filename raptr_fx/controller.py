@@ -160,6 +160,16 @@ class Controller:
                     if id(p) not in running:
                         p.grad = None
 
+    def detach(self) -> None:
+        """Remove the hooks that :meth:`attach` put on optimizers; the gates stay.
+
+        For a new optimizer (a second ``fit``/``train`` call): ``detach()``, then ``attach(new)``.
+        """
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        self._stepping_with = None
+
     # -- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"step": self._step, "seed": self.seed, "blocks": [b.name for b in self.blocks]}
@@ -176,10 +186,7 @@ class Controller:
     # -- undo --------------------------------------------------------------------------------
     def remove(self) -> nn.Module:
         """Take the gates and optimizer hooks off; the model behaves exactly as before."""
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks.clear()
-        self._stepping_with = None
+        self.detach()
         self._usage.remove()
         remove_gates(self.model)
         return self.model

@@ -141,3 +141,14 @@ def test_remove_stops_the_checks():
         warnings.simplefilter("always")
         train(model, optimizer, 5)
     assert raptr_warnings(record) == []
+
+
+def test_detach_moves_the_controller_to_a_new_optimizer():
+    model, ctl, old = setup(step_with_optimizer=True)
+    ctl.detach()
+    new = torch.optim.SGD(model.parameters(), lr=1e-3)
+    ctl.attach(new)  # no "already steps with" error
+    train(model, old, 1)
+    assert ctl.step_count == 0
+    train(model, new, 2)
+    assert ctl.step_count == 2

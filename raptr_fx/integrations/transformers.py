@@ -1,0 +1,132 @@
+"""RaPTr for the Hugging Face ``Trainer`` in one line: ``callbacks=[RaPTrCallback("6-8-10-12")]``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+from torch import nn
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from ..controller import Controller
+from ..errors import RaptrWarning
+from ..schedules import Schedule
+from ._common import Adoption, check_arguments, metrics
+
+__all__ = ["RaPTrCallback", "STATE_FILE"]
+
+log = logging.getLogger("raptr_fx")
+
+STATE_FILE = "raptr_fx_state.json"  # written into every checkpoint-<step> directory
+
+
+class RaPTrCallback(TrainerCallback):
+    """Train with RaPTr under a Hugging Face ``Trainer``.
+
+    At train start the callback transforms ``trainer.model`` (``total_steps`` defaults to the
+    Trainer's ``max_steps``); a transformers model, which needs ``torch.export`` to be traced,
+    is transformed at its first forward call with the first training batch as example inputs,
+    unless you pass ``example_inputs=``. The controller is attached to the real optimizer behind
+    Accelerate's wrapper and steps once per optimizer step, whatever
+    ``gradient_accumulation_steps`` is, so every micro-batch of a step runs the same subnetwork.
+    Its state goes into each checkpoint directory (``raptr_fx_state.json``) and is restored by
+    ``trainer.train(resume_from_checkpoint=...)``: the resumed run replays the gate sequence of an
+    uninterrupted one. Stage, active units and this stage's expected compute go into the logs as
+    ``raptr/stage``, ``raptr/active_units`` and ``raptr/expected_compute``.
+
+    Example:
+        >>> from raptr_fx.integrations.transformers import RaPTrCallback
+        >>> trainer = Trainer(model=model, args=args, train_dataset=data,
+        ...                   callbacks=[RaPTrCallback("6-8-10-12")])
+        >>> trainer.train()
+        >>> trainer.train(resume_from_checkpoint=True)   # continues the same gate sequence
+
+    Args:
+        schedule: a string like ``"6-8-10-12"`` or a raptr_fx :class:`~raptr_fx.Schedule`.
+        controller: an existing controller instead of a schedule (from ``raptr_fx.transform``);
+            do not attach it to the optimizer yourself, the callback does.
+        total_steps: length of a string schedule; default: the Trainer's ``max_steps``.
+        example_inputs: inputs for tracing (tuple, dict or tensor); default: the first batch.
+        freeze_dropped: dropped units are not updated by the optimizer (see ``Controller.attach``).
+        **transform_options: passed to :func:`raptr_fx.transform`: ``scaling``, ``seed``,
+            ``include``, ``exclude``, ``granularity``, ``compile_mode``, ``compile_options`` and the
+            tracer options.
+    """
+
+    def __init__(self, schedule: str | Schedule | None = None, *, controller: Controller | None = None,
+                 total_steps: int | None = None, example_inputs: Any = None, freeze_dropped: bool = True,
+                 **transform_options: Any):
+        check_arguments("RaPTrCallback", schedule, controller, total_steps, transform_options)
+        self.freeze_dropped = freeze_dropped
+        self._adoption = Adoption("RaPTrCallback", schedule, controller, total_steps,
+                                  {**transform_options, "example_inputs": example_inputs})
+
+    @property
+    def controller(self) -> Controller | None:
+        """The controller (None until the model is transformed)."""
+        return self._adoption.controller
+
+    # -- training --------------------------------------------------------------------------
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       model: nn.Module | None = None, optimizer: Any = None, **kwargs: Any) -> None:
+        adoption = self._adoption
+        if model is None or optimizer is None:
+            raise ValueError("RaPTrCallback: the Trainer passed no model or optimizer to on_train_begin")
+        adoption.adopt(model, state.max_steps if state.max_steps > 0 else None,
+                       compiled=bool(getattr(args, "torch_compile", False)))
+        if state.global_step > 0:
+            self._restore(args, state)
+        elif adoption.made_here and adoption.controller is not None and adoption.controller.step_count:
+            adoption.seek(0)  # a second trainer.train() from scratch starts the schedule again
+        adoption.attach(optimizer, self.freeze_dropped)
+
+    def _restore(self, args: TrainingArguments, state: TrainerState) -> None:
+        candidates = []
+        if isinstance(getattr(args, "resume_from_checkpoint", None), str):
+            candidates.append(args.resume_from_checkpoint)
+        candidates.append(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+        for directory in candidates:
+            path = os.path.join(directory, STATE_FILE)
+            if os.path.isfile(path):
+                with open(path) as f:
+                    saved = json.load(f)
+                if saved.get("global_step") == state.global_step:
+                    self._adoption.load(saved["controller"])
+                    log.info("raptr_fx: restored the controller from %s (step %d)", path,
+                             saved["controller"]["step"])
+                    return
+        import warnings
+        warnings.warn(f"RaPTrCallback: resuming at step {state.global_step} but no {STATE_FILE} was found in "
+                      f"{candidates}; continuing the schedule at step {state.global_step} with this callback's "
+                      "seed (the same gate sequence if the seed is unchanged)", RaptrWarning, stacklevel=2)
+        self._adoption.seek(state.global_step)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     **kwargs: Any) -> None:
+        self._adoption.detach()  # the gates stay: eval() runs the full model anyway
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                **kwargs: Any) -> None:
+        saved = self._adoption.state()
+        if saved is None or not state.is_world_process_zero:
+            return
+        directory = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if not os.path.isdir(directory):
+            log.warning("raptr_fx: checkpoint directory %s not found; controller state not saved", directory)
+            return
+        with open(os.path.join(directory, STATE_FILE), "w") as f:
+            json.dump({"global_step": state.global_step, "controller": saved}, f, indent=1)
+
+    # -- logs ------------------------------------------------------------------------------
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+               logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+        controller = self._adoption.controller
+        if controller is None or logs is None or any(k.startswith(("eval_", "test_")) for k in logs):
+            return
+        values = metrics(controller)
+        logs.update(values)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(values)
