@@ -26,6 +26,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .errors import RaptrWarning
+from .schedules import FullModel
 
 if TYPE_CHECKING:
     from .controller import Controller
@@ -87,7 +88,7 @@ class UsageMonitor:
         steps = self._optimizer_steps
         moved = controller.step_count - self._controller_start
         limit = max(_MIN_DRIFT, steps // 2)
-        if steps - moved >= limit:
+        if steps - moved >= limit and not isinstance(controller.schedule, FullModel):  # no step changes it
             self._report("behind", f"the controller stepped {moved} times in {steps} optimizer steps, so the "
                          "schedule is not advancing: call controller.attach(optimizer) once, or "
                          "controller.step() after each optimizer.step()")

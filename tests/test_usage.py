@@ -152,3 +152,16 @@ def test_detach_moves_the_controller_to_a_new_optimizer():
     assert ctl.step_count == 0
     train(model, new, 2)
     assert ctl.step_count == 2
+
+
+def test_an_unstepped_full_model_schedule_is_not_reported():
+    from raptr_fx import FullModel
+
+    torch.manual_seed(0)
+    model = GPT(n_layer=4)
+    transform(model, FullModel())  # every unit every step: stepping changes nothing
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        train(model, optimizer, 8)
+    assert raptr_warnings(record) == []
