@@ -18,7 +18,31 @@ sys.path.insert(0, str(ROOT))
 
 from examples.nanogpt import GPT, GPTConfig  # noqa: E402
 
-__all__ = ["GPT", "GPTConfig", "add_device_args", "header", "sync", "timed_steps", "byte_corpus", "ROOT"]
+__all__ = ["GPT", "GPTConfig", "add_device_args", "header", "sync", "timed_steps", "byte_corpus", "ROOT",
+           "set_threads", "default_init"]
+
+
+def set_threads(threads: int) -> None:
+    """Intra-op and inter-op torch threads (call before any torch work: inter-op is fixed after)."""
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(threads)
+    except RuntimeError:  # already fixed by earlier parallel work in this process
+        pass
+
+
+def default_init(model: torch.nn.Module) -> None:
+    """Re-initialise every module with PyTorch's own ``reset_parameters`` (in module order).
+
+    For the example GPT this undoes its GPT-2-style init (std 0.02, residual projections
+    0.02/sqrt(2L)): Linear layers get PyTorch's Kaiming-uniform default, LayerNorm ones and zeros.
+    The tied embedding / output weight ends with the output Linear's default, as if the model
+    had been built without any init code.
+    """
+    for module in model.modules():
+        reset = getattr(module, "reset_parameters", None)
+        if callable(reset):
+            reset()
 
 
 def add_device_args(parser: argparse.ArgumentParser) -> None:
@@ -68,4 +92,4 @@ def byte_corpus(limit_bytes: int | None = None) -> tuple[torch.Tensor, torch.Ten
         (val if i % 10 == 9 else train).extend(path.read_bytes())
         if limit_bytes is not None and len(train) >= limit_bytes:
             break
-    return torch.frombuffer(bytes(train), dtype=torch.uint8).long(), torch.frombuffer(bytes(val), dtype=torch.uint8).long()
+    return torch.frombuffer(train, dtype=torch.uint8).long(), torch.frombuffer(val, dtype=torch.uint8).long()

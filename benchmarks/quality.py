@@ -1,35 +1,60 @@
-"""Training quality (benchmarks 4-5): full model vs RaPTr vs the prior methods, same steps, same seed.
+"""Training quality (benchmarks 4-5): full model vs RaPTr vs the prior methods.
 
 A 12-layer pre-LN GPT learns bytes of the Python standard library's own sources (every machine
-has them offline; every 10th file is held out). For each method: final validation loss (full
-model, eval mode), wall time, block compute actually run, the training loss just before and after
-each stage transition, and the validation loss of the full model at RaPTr's wall time.
+has them offline; every 10th file is held out). For each run: final validation loss (full model,
+eval mode), wall time, block compute actually run, the training loss just before and after each
+stage transition, and the validation curve against steps and against compute.
 
+    python benchmarks/quality.py --quick            # a 1-2 minute smoke test (CI)
     python benchmarks/quality.py --point A          # width 96, 1200 steps: all methods + ablations
-    python benchmarks/quality.py --point all        # the tokens-per-parameter sweep (about an hour)
-    python benchmarks/quality.py --quick            # a 1-2 minute smoke test
+    python benchmarks/quality.py --point all        # the tokens-per-parameter sweep
+    python benchmarks/quality.py --plan tuned       # the tuned verdict (hours; resumable, see below)
+    python benchmarks/quality.py --report           # tables + plots from the recorded runs
     python benchmarks/quality.py --point A --device cuda --dtype bfloat16 --width 768 --batch 64
 
-Results go to benchmarks/out/quality_<point>.{md,json,png}.
+Comma lists in --point, --methods, --lr, --init and --seeds run every combination (a grid).
+--jobs N runs them as N single-process workers (--threads each, default 1: on a small shared
+machine one thread per process is far faster than OpenMP threads waiting on busy cores).
+With --results FILE every finished run is appended to FILE as one JSON line, keyed by
+(point, method, width, steps, lr, init, seed, batch, seq, eval settings, device, dtype); a rerun
+skips the runs already there, so an interrupted grid resumes where it stopped.
+
+--plan tuned is the baseline-tuning protocol (issue 9), results in
+benchmarks/results/quality_runs.jsonl by default:
+  1. grid at point A, seed 0: peak LR {1e-3, 2e-3, 4e-3} x init {gpt2, default} for full,
+     full-short (full model, 75% of the steps, its own LR schedule: RaPTr's compute) and raptr;
+  2. verdict: each method at its own best grid setting, points A, B, C x seeds 0, 1, 2
+     (A seed 0 is the grid run), in that order.
+
+Ad-hoc results go to benchmarks/out/quality_<point>.{md,json,png}; --report writes
+benchmarks/results/quality_tuned.md and benchmarks/results/quality_*.png.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
+import math
+import multiprocessing
+import statistics
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from common import GPT, GPTConfig, ROOT, add_device_args, byte_corpus, header, sync
+from common import GPT, GPTConfig, ROOT, add_device_args, byte_corpus, default_init, header, set_threads, sync
 
 import raptr_fx
 from raptr_fx import FullModel, LayerDrop, ProgressiveLayerDrop, RaPTr
 
 OUT = ROOT / "benchmarks" / "out"
+RESULTS = ROOT / "benchmarks" / "results"
+RUNS_FILE = RESULTS / "quality_runs.jsonl"
 
 
 @dataclass(frozen=True)
@@ -44,9 +69,36 @@ class Point:
 ABLATIONS = ("raptr-inverse", "raptr-exact", "raptr-zerograd")
 POINTS = {
     "A": Point(96, 1200, ("full", "full-short", "raptr", "pld", "layerdrop") + ABLATIONS),
-    "B": Point(64, 2400, ("full", "raptr", "pld")),
-    "C": Point(32, 6000, ("full", "raptr", "pld")),
+    "B": Point(64, 2400, ("full", "full-short", "raptr", "pld")),
+    "C": Point(32, 6000, ("full", "full-short", "raptr", "pld")),
 }
+QUICK = Point(32, 60, ("full", "raptr"))
+VERDICT_METHODS = ("full", "full-short", "raptr")
+GRID_LRS = (1e-3, 2e-3, 4e-3, 8e-3)  # 8e-3 added when 4e-3, the first grid's edge, was best for every method
+GRID_INITS = ("gpt2", "default")
+VERDICT_SEEDS = (0, 1, 2)
+
+
+@dataclass(frozen=True)
+class Run:
+    """Everything that determines one training run (its key in the results file)."""
+
+    point: str
+    method: str
+    width: int
+    steps: int  # the point's steps; full-short trains 75% of them
+    lr: float
+    init: str  # "gpt2" (std 0.02, residual projections 0.02/sqrt(2L)) or "default" (PyTorch's)
+    seed: int
+    batch: int = 32
+    seq: int = 64
+    eval_every: int = 100
+    eval_batches: int = 20
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    def key(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
 
 
 def schedule_for(method: str, steps: int) -> tuple[raptr_fx.Schedule, dict]:
@@ -77,53 +129,62 @@ def batches(data: torch.Tensor, batch: int, seq: int, generator: torch.Generator
     return torch.stack([data[s: s + seq + 1] for s in starts.tolist()])
 
 
+def autocast(run: Run):
+    if run.dtype == "bfloat16":
+        return torch.autocast(run.device, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 @torch.no_grad()
-def evaluate(model: GPT, val: torch.Tensor, args: argparse.Namespace) -> float:
+def evaluate(model: GPT, val: torch.Tensor, run: Run) -> float:
     model.eval()
     generator = torch.Generator().manual_seed(1234)  # the same validation batches every time
     losses = []
-    for _ in range(args.eval_batches):
-        chunk = batches(val, args.batch, args.seq, generator).to(args.device)
-        with autocast(args):
+    for _ in range(run.eval_batches):
+        chunk = batches(val, run.batch, run.seq, generator).to(run.device)
+        with autocast(run):
             losses.append(F.cross_entropy(model(chunk[:, :-1]).flatten(0, 1).float(), chunk[:, 1:].flatten()).item())
     model.train()
     return sum(losses) / len(losses)
 
 
-def autocast(args: argparse.Namespace):
-    if args.dtype == "bfloat16":
-        return torch.autocast(args.device, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def build_model(run: Run) -> GPT:
+    torch.manual_seed(run.seed)
+    config = GPTConfig(n_layer=12, n_embd=run.width, n_head=max(1, run.width // 32), block_size=run.seq)
+    model = GPT(config)  # GPT-2-style init
+    if run.init == "default":
+        default_init(model)
+    elif run.init != "gpt2":
+        raise ValueError(f"unknown init {run.init!r}")
+    return model.to(run.device)
 
 
-def train(method: str, point: Point, data: tuple[torch.Tensor, torch.Tensor], args: argparse.Namespace) -> dict:
+def train(run: Run, data: tuple[torch.Tensor, torch.Tensor]) -> dict:
     train_data, val_data = data
-    torch.manual_seed(args.seed)
-    config = GPTConfig(n_layer=12, n_embd=point.width, n_head=max(1, point.width // 32), block_size=args.seq)
-    model = GPT(config).to(args.device)
+    model = build_model(run)
     params = sum(p.numel() for p in model.parameters())
     # full-short: the full model given RaPTr's expected compute (75% of the steps) and its own
-    # LR schedule, the fair equal-wall-time baseline.
-    steps = point.steps * 3 // 4 if method == "full-short" else point.steps
-    schedule, options = schedule_for(method, steps)
-    example = (torch.zeros(1, args.seq, dtype=torch.long, device=args.device),)
-    ctl = raptr_fx.transform(model, schedule, example_inputs=example, seed=args.seed, **options)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95))
-    zero_grads = method == "raptr-zerograd"
+    # LR schedule, the fair equal-compute baseline.
+    steps = run.steps * 3 // 4 if run.method == "full-short" else run.steps
+    schedule, options = schedule_for(run.method, steps)
+    example = (torch.zeros(1, run.seq, dtype=torch.long, device=run.device),)
+    ctl = raptr_fx.transform(model, schedule, example_inputs=example, seed=run.seed, **options)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=run.lr, weight_decay=0.1, betas=(0.9, 0.95))
+    zero_grads = run.method == "raptr-zerograd"
     ctl.attach(optimizer, freeze_dropped=not zero_grads)
     shares = [b.flops_share for b in ctl.blocks]
-    generator = torch.Generator().manual_seed(args.seed)  # the same data order for every method
-    train_losses, evals, block_compute, elapsed = [], [], 0.0, 0.0
+    generator = torch.Generator().manual_seed(run.seed)  # the same data order for every method
+    train_losses, evals, compute, elapsed = [], [], 0.0, 0.0
     for step in range(steps):
-        if step % args.eval_every == 0:
-            evals.append((step, elapsed, evaluate(model, val_data, args)))
+        if step % run.eval_every == 0:
+            evals.append((step, elapsed, compute, evaluate(model, val_data, run)))
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, steps, args.lr)
-        chunk = batches(train_data, args.batch, args.seq, generator).to(args.device)
-        block_compute += sum(s for s, k in zip(shares, ctl.active) if k) / sum(shares)
-        sync(args.device)
+            group["lr"] = learning_rate(step, steps, run.lr)
+        chunk = batches(train_data, run.batch, run.seq, generator).to(run.device)
+        compute += sum(s for s, k in zip(shares, ctl.active) if k) / sum(shares)
+        sync(run.device)
         start = time.perf_counter()
-        with autocast(args):
+        with autocast(run):
             loss = F.cross_entropy(model(chunk[:, :-1]).flatten(0, 1).float(), chunk[:, 1:].flatten())
         loss.backward()
         if zero_grads:  # what compiled graphs and DDP give dropped units: zeros, which AdamW still applies
@@ -133,27 +194,128 @@ def train(method: str, point: Point, data: tuple[torch.Tensor, torch.Tensor], ar
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()  # the controller steps itself after this
         optimizer.zero_grad(set_to_none=True)
-        sync(args.device)
+        sync(run.device)
         elapsed += time.perf_counter() - start
         train_losses.append(loss.item())
-    final = evaluate(model, val_data, args)
-    evals.append((steps, elapsed, final))
+    final = evaluate(model, val_data, run)
+    evals.append((steps, elapsed, compute, final))
     transitions = []
     for start, _ in schedule.stage_bounds()[1:]:
         window = max(5, min(50, steps // 40))
         before = train_losses[max(0, start - window): start]
         after = train_losses[start: start + window]
         transitions.append((start, sum(before) / len(before), sum(after) / len(after)))
+    every = max(1, steps // 100)  # the training curve, averaged over windows (for plots)
+    curve = [(i + every, sum(train_losses[i:i + every]) / len(train_losses[i:i + every]))
+             for i in range(0, steps, every)]
     return {
-        "method": method, "params": params, "tokens_per_param": steps * args.batch * args.seq / params,
-        "final_val": final, "wall_s": elapsed, "block_compute": block_compute / steps,
-        "train_losses": train_losses, "evals": evals, "transitions": transitions,
+        "run": asdict(run), "method": run.method, "params": params, "steps_run": steps,
+        "tokens_per_param": steps * run.batch * run.seq / params, "threads": torch.get_num_threads(),
+        "final_val": final, "wall_s": elapsed, "block_compute": compute / steps,
+        "evals": evals, "train_curve": curve, "transitions": transitions,
     }
 
 
-def loss_at_time(run: dict, seconds: float) -> float:
+# ---------------------------------------------------------------- running many runs, resumably
+
+_DATA = None
+
+
+def _worker_init(threads: int) -> None:
+    set_threads(threads)
+
+
+def _work(run: Run) -> dict:
+    global _DATA
+    if _DATA is None:
+        _DATA = byte_corpus()
+    return train(run, _DATA)
+
+
+def load_results(path: Path | None) -> dict[str, dict]:
+    """Finished runs of a results file, by key (the last record of a key wins)."""
+    done = {}
+    if path is not None and path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                done[Run(**record["run"]).key()] = record
+    return done
+
+
+def describe(run: Run) -> str:
+    return f"{run.point} {run.method:<14} lr {run.lr:g} init {run.init:<7} seed {run.seed} (w{run.width}, {run.steps} steps)"
+
+
+def execute(runs: list[Run], args: argparse.Namespace) -> list[dict]:
+    """Run what is not in the results file yet (``--jobs`` workers); return all records in order."""
+    path = Path(args.results) if args.results else None
+    done = load_results(path)
+    todo = list(dict.fromkeys(r for r in runs if r.key() not in done))
+    if len(todo) < len(runs):
+        print(f"# {len(runs) - len(todo)} of {len(runs)} runs already in {path}: skipped", flush=True)
+
+    def record(result: dict) -> None:
+        run = Run(**result["run"])
+        done[run.key()] = result
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a") as f:
+                f.write(json.dumps(result) + "\n")
+        print(f"  {describe(run)}: val {result['final_val']:.4f}  wall {result['wall_s']:.0f} s  "
+              f"block compute {result['block_compute']:.2f}", flush=True)
+
+    if args.jobs <= 1:
+        for run in todo:
+            record(_work(run))
+    elif todo:
+        context = multiprocessing.get_context("spawn")  # no fork of a process with OpenMP threads
+        with context.Pool(args.jobs, initializer=_worker_init, initargs=(args.threads,)) as pool:
+            for result in pool.imap_unordered(_work, todo):
+                record(result)
+    return [done[r.key()] for r in runs]
+
+
+def make_run(point: str, method: str, p: Point, lr: float, init: str, seed: int, args: argparse.Namespace) -> Run:
+    return Run(point, method, p.width, p.steps, lr, init, seed, args.batch, args.seq,
+               args.eval_every, args.eval_batches, args.device, args.dtype)
+
+
+def finite(value: float) -> float:
+    return value if math.isfinite(value) else float("inf")
+
+
+def best_settings(records: dict[str, dict], methods=VERDICT_METHODS) -> dict[str, tuple[float, str]]:
+    """Each method's (lr, init) with the lowest final validation loss in the point-A seed-0 grid."""
+    best = {}
+    for method in methods:
+        grid = [r for r in records.values() if r["run"]["point"] == "A" and r["run"]["method"] == method
+                and r["run"]["seed"] == 0 and r["run"]["width"] == POINTS["A"].width
+                and r["run"]["steps"] == POINTS["A"].steps and r["run"]["lr"] in GRID_LRS]
+        if grid:
+            top = min(grid, key=lambda r: finite(r["final_val"]))
+            best[method] = (top["run"]["lr"], top["run"]["init"])
+    return best
+
+
+def plan_tuned(args: argparse.Namespace) -> None:
+    grid = [make_run("A", m, POINTS["A"], lr, init, 0, args)
+            for init in GRID_INITS for lr in GRID_LRS for m in VERDICT_METHODS]
+    print(f"# phase 1: grid at point A, seed 0 ({len(grid)} runs)", flush=True)
+    execute(grid, args)
+    best = best_settings(load_results(Path(args.results)))
+    print("# best settings: " + ", ".join(f"{m} lr {lr:g} init {i}" for m, (lr, i) in best.items()), flush=True)
+    verdict = [make_run(name, m, POINTS[name], *best[m], seed, args)
+               for name in ("A", "B", "C") for seed in VERDICT_SEEDS for m in VERDICT_METHODS]
+    print(f"# phase 2: verdict, points A, B, C x seeds {VERDICT_SEEDS} ({len(verdict)} runs)", flush=True)
+    execute(verdict, args)
+
+
+# ---------------------------------------------------------------- tables and plots of one set of runs
+
+def loss_at_time(record: dict, seconds: float) -> float:
     """Validation loss of a run at a given training wall time (linear between evaluations)."""
-    evals = [(t, loss) for _, t, loss in run["evals"]]
+    evals = [(t, loss) for _, t, _, loss in record["evals"]]
     for (t0, l0), (t1, l1) in zip(evals, evals[1:]):
         if t0 <= seconds <= t1:
             return l0 + (l1 - l0) * (seconds - t0) / max(t1 - t0, 1e-9)
@@ -166,81 +328,290 @@ def report(name: str, point: Point, runs: list[dict], args: argparse.Namespace) 
         f"### Point {name}: 12 layers, width {point.width}, {point.steps} steps, batch {args.batch}x{args.seq} bytes, "
         f"{runs[0]['params']:,} parameters, {runs[0]['tokens_per_param']:.1f} tokens/parameter",
         "",
-        "| method | final val loss (nats/byte) | gap to full | wall s | wall / full | block compute | "
+        "| method | lr | init | seed | final val loss (nats/byte) | gap to full | wall s | wall / full | block compute | "
         "full model's val loss at this wall time | transitions: train loss before -> after |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for run in runs:
-        gap = run["final_val"] - full["final_val"] if full else float("nan")
-        ratio = run["wall_s"] / full["wall_s"] if full else float("nan")
-        at_time = loss_at_time(full, run["wall_s"]) if full else float("nan")
-        jumps = ", ".join(f"{s}: {b:.3f}->{a:.3f}" for s, b, a in run["transitions"]) or "-"
-        lines.append(f"| {run['method']} | {run['final_val']:.3f} | {gap:+.3f} | {run['wall_s']:.0f} | {ratio:.2f} | "
-                     f"{run['block_compute']:.2f} | {at_time:.3f} | {jumps} |")
+    for rec in runs:
+        run = rec["run"]
+        gap = rec["final_val"] - full["final_val"] if full else float("nan")
+        ratio = rec["wall_s"] / full["wall_s"] if full else float("nan")
+        at_time = loss_at_time(full, rec["wall_s"]) if full else float("nan")
+        jumps = ", ".join(f"{s}: {b:.3f}->{a:.3f}" for s, b, a in rec["transitions"]) or "-"
+        lines.append(f"| {rec['method']} | {run['lr']:g} | {run['init']} | {run['seed']} | {rec['final_val']:.3f} | "
+                     f"{gap:+.3f} | {rec['wall_s']:.0f} | {ratio:.2f} | {rec['block_compute']:.2f} | {at_time:.3f} | {jumps} |")
     return "\n".join(lines) + "\n"
 
 
-def plot(name: str, runs: list[dict]) -> str | None:
+def _pyplot():
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+    return plt
+
+
+def _ylim(curves: list[tuple[list[float], list[float]]], skip_until: float) -> tuple[float, float]:
+    """A y-range for the part that matters: everything after ``skip_until`` steps."""
+    values = [v for xs, ys in curves for x, v in zip(xs, ys) if x >= skip_until and math.isfinite(v)]
+    if not values:
+        return (0.0, 1.0)
+    low, high = min(values), max(values)
+    pad = 0.05 * (high - low or 1.0)
+    return low - pad, high + pad
+
+
+def plot(name: str, runs: list[dict], path: Path) -> str | None:
+    plt = _pyplot()
+    if plt is None:
+        return None
     fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for run in runs:
-        steps, times, losses = zip(*run["evals"][1:])  # without the untrained model at step 0
-        by_step.plot(steps, losses, label=run["method"])
-        by_time.plot(times, losses, label=run["method"])
-    by_step.set(xlabel="step", ylabel="validation loss (nats/byte)", title=f"point {name}: against steps")
+    curves = []
+    for rec in runs:
+        steps, times, _, losses = zip(*rec["evals"][1:])  # without the untrained model at step 0
+        label = f"{rec['method']} (lr {rec['run']['lr']:g}, {rec['run']['init']})"
+        by_step.plot(steps, losses, label=label)
+        by_time.plot(times, losses, label=label)
+        curves.append((list(steps), list(losses)))
+    total = max(r["run"]["steps"] for r in runs)
+    for rec in runs:
+        if rec["method"].startswith("raptr"):
+            for start, _, _ in rec["transitions"]:
+                by_step.axvline(start, color="grey", linestyle=":", linewidth=1)
+            break
+    by_step.set_ylim(*_ylim(curves, 0.25 * total))
+    by_time.set_ylim(*_ylim(curves, 0.25 * total))
+    by_step.set(xlabel="step (dotted: RaPTr stage transitions)", ylabel="validation loss (nats/byte)",
+                title=f"point {name}: against steps")
     by_time.set(xlabel="training wall time (s)", title=f"point {name}: against wall time")
     for axis in (by_step, by_time):
-        axis.legend()
+        axis.legend(fontsize=8)
         axis.grid(alpha=0.3)
-    path = OUT / f"quality_{name}.png"
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
     return str(path)
+
+
+# ---------------------------------------------------------------- the tuned verdict's report
+
+def _fmt(values: list[float]) -> str:
+    if not values:
+        return "-"
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.3f}"
+    return f"{mean:.3f} ± {statistics.stdev(values):.3f}"
+
+
+def tuned_report(args: argparse.Namespace) -> str:
+    path = Path(args.results) if args.results else RUNS_FILE
+    records = load_results(path)
+    if not records:
+        return f"no runs in {path}"
+    best = best_settings(records)
+    lines = [f"Recorded runs: {len(records)} in `{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}`.", ""]
+    # 1. the grid
+    lines += ["#### Tuning grid: point A (width 96, 1200 steps), seed 0, final validation loss (nats/byte)", "",
+              "| method | " + " | ".join(f"lr {lr:g}, {init}" for init in GRID_INITS for lr in GRID_LRS) + " | best |",
+              "|---|" + "---|" * (len(GRID_LRS) * len(GRID_INITS) + 1)]
+    for method in VERDICT_METHODS:
+        cells = []
+        for init in GRID_INITS:
+            for lr in GRID_LRS:
+                run = make_run("A", method, POINTS["A"], lr, init, 0, args)
+                rec = records.get(run.key())
+                cells.append(f"{rec['final_val']:.3f}" if rec else "(not run)")
+        setting = f"lr {best[method][0]:g}, {best[method][1]}" if method in best else "-"
+        missing = sum(c == "(not run)" for c in cells)
+        if missing and method in best:
+            setting += f" (so far: {missing} not run)"
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {setting} |")
+    lines.append("")
+    # 2. the verdict
+    lines += ["#### Verdict: each method at its best grid setting, mean ± standard deviation over the seeds that finished",
+              "",
+              "| point | tokens/param (full) | seeds done (full / full-short / raptr) | full | full-short (equal compute) | raptr | "
+              "raptr - full (equal steps) | raptr - full-short (equal compute) | per-seed equal-compute gaps |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    verdict = {}
+    for name in ("A", "B", "C"):
+        per = {}
+        for method in VERDICT_METHODS:
+            if method not in best:
+                continue
+            per[method] = {seed: records[k]["final_val"] for seed in VERDICT_SEEDS
+                           if (k := make_run(name, method, POINTS[name], *best[method], seed, args).key()) in records}
+        verdict[name] = per
+        if not any(per.values()):
+            lines.append(f"| {name} | | 0 / 0 / 0 | (not run) | | | | | |")
+            continue
+        full, short, raptr = (per.get(m, {}) for m in VERDICT_METHODS)
+        tpp = next((records[k]["tokens_per_param"] for seed in VERDICT_SEEDS
+                    if (k := make_run(name, "full", POINTS[name], *best["full"], seed, args).key()) in records), float("nan"))
+        steps_gap = [raptr[s] - full[s] for s in raptr if s in full]
+        compute_gap = [raptr[s] - short[s] for s in raptr if s in short]
+        lines.append(f"| {name} | {tpp:.1f} | {len(full)} / {len(short)} / {len(raptr)} | {_fmt(list(full.values()))} | "
+                     f"{_fmt(list(short.values()))} | {_fmt(list(raptr.values()))} | {_fmt(steps_gap)} | "
+                     f"{_fmt(compute_gap)} | " + ", ".join(f"s{s}: {raptr[s] - short[s]:+.3f}" for s in sorted(raptr) if s in short)
+                     + " |")
+    lines.append("")
+    text = "\n".join(lines)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "quality_tuned.md").write_text(text + "\n")
+    images = [plot_grid(records, args)] + [plot_verdict(name, records, best, args) for name in ("A", "B", "C")]
+    return text + "\n" + "\n".join(f"plot: {i}" for i in images if i)
+
+
+def plot_grid(records: dict[str, dict], args: argparse.Namespace) -> str | None:
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, axis = plt.subplots(figsize=(6.5, 4.5))
+    for method, color in zip(VERDICT_METHODS, ("C0", "C1", "C2")):
+        for init, style in zip(GRID_INITS, ("-o", "--s")):
+            xs, ys = [], []
+            for lr in GRID_LRS:
+                rec = records.get(make_run("A", method, POINTS["A"], lr, init, 0, args).key())
+                if rec and math.isfinite(rec["final_val"]):
+                    xs.append(lr)
+                    ys.append(rec["final_val"])
+            if xs:
+                axis.plot(xs, ys, style, color=color, label=f"{method}, {init} init")
+    axis.set_xscale("log")
+    axis.minorticks_off()
+    axis.set_xticks(GRID_LRS, [f"{lr:g}" for lr in GRID_LRS])
+    axis.set(xlabel="peak learning rate", ylabel="final validation loss (nats/byte)",
+             title="point A tuning grid (seed 0)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    fig.tight_layout()
+    path = RESULTS / "quality_grid.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def plot_verdict(name: str, records: dict[str, dict], best: dict, args: argparse.Namespace) -> str | None:
+    """Validation loss against steps and against compute, mean line and min-max band over seeds."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    point = POINTS[name]
+    series = {}
+    for method in VERDICT_METHODS:
+        if method not in best:
+            continue
+        recs = [records[k] for seed in VERDICT_SEEDS
+                if (k := make_run(name, method, point, *best[method], seed, args).key()) in records]
+        if recs:
+            series[method] = recs
+    if not series:
+        return None
+    fig, (by_step, by_compute) = plt.subplots(1, 2, figsize=(12, 4.8))
+    colors = {"full": "C0", "full-short": "C1", "raptr": "C2"}
+    curves = []
+    for method, recs in series.items():
+        evals = [r["evals"] for r in recs]
+        n = min(len(e) for e in evals)
+        steps = [e[0] for e in evals[0][1:n]]
+        compute = [statistics.fmean(ev[i][2] for ev in evals) for i in range(1, n)]
+        values = [[ev[i][3] for ev in evals] for i in range(1, n)]
+        mean = [statistics.fmean(v) for v in values]
+        low, high = [min(v) for v in values], [max(v) for v in values]
+        lr, init = best[method]
+        label = f"{method} (lr {lr:g}, {init} init, {len(recs)} seed{'s' if len(recs) > 1 else ''})"
+        for axis, xs in ((by_step, steps), (by_compute, compute)):
+            axis.plot(xs, mean, color=colors[method], label=label)
+            if len(recs) > 1:
+                axis.fill_between(xs, low, high, color=colors[method], alpha=0.2)
+        curves.append((steps, mean))
+        curves.append((steps, high))
+    for q in (1, 2, 3):
+        by_step.axvline(point.steps * q // 4, color="grey", linestyle=":", linewidth=1)
+    y = _ylim(curves, 0.25 * point.steps)
+    for axis in (by_step, by_compute):
+        axis.set_ylim(*y)
+        axis.set_xlim(0.2 * point.steps, 1.02 * point.steps)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    by_step.set(xlabel="step (dotted: RaPTr 6-8-10-12 stage transitions)", ylabel="validation loss (nats/byte)",
+                title=f"point {name}: width {point.width}, {point.steps} steps, against steps")
+    by_compute.set(xlabel="block compute (full-model step equivalents)",
+                   title=f"point {name}: against compute (band: min-max over seeds)")
+    fig.tight_layout()
+    path = RESULTS / f"quality_{name}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+# ---------------------------------------------------------------- command line
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",")]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_device_args(parser)
-    parser.add_argument("--point", default="A", help="A, B, C or all")
+    parser.add_argument("--point", default="A", help="A, B, C, a comma list, or all")
     parser.add_argument("--methods", default=None, help="comma-separated subset of the point's methods")
     parser.add_argument("--quick", action="store_true", help="width 32, 60 steps, full vs raptr")
     parser.add_argument("--width", type=int, default=None, help="override the point's width")
     parser.add_argument("--steps", type=int, default=None, help="override the point's steps")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", default="2e-3", help="peak learning rate(s), comma list")
+    parser.add_argument("--init", default="gpt2", help="gpt2 and/or default (PyTorch's), comma list")
+    parser.add_argument("--seed", "--seeds", dest="seeds", default="0", help="seed(s), comma list")
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--eval-batches", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
+    parser.add_argument("--jobs", type=int, default=1, help="parallel worker processes (each --threads threads)")
+    parser.add_argument("--results", default=None,
+                        help=f"JSON-lines file of finished runs; appended to, and runs in it are skipped "
+                             f"(default with --plan/--report: {RUNS_FILE.relative_to(ROOT)})")
+    parser.add_argument("--plan", choices=["tuned"], default=None, help="run the tuning grid then the verdict")
+    parser.add_argument("--report", action="store_true", help="tables and plots of --results; runs nothing")
     args = parser.parse_args()
+    set_threads(args.threads)
+    if (args.plan or args.report) and not args.results:
+        args.results = str(RUNS_FILE)
+    if args.report:
+        print(tuned_report(args))
+        return
+    print(header(args), flush=True)
+    if args.plan:
+        print(f"# plan {args.plan}: results in {args.results}, {args.jobs} job(s) x {args.threads} thread(s)", flush=True)
+        plan_tuned(args)
+        print(tuned_report(args))
+        return
     if args.quick:
-        points = {"quick": Point(32, 60, ("full", "raptr"))}
+        points = {"quick": QUICK}
         args.eval_every, args.eval_batches, args.batch = 20, 4, 16
     else:
-        points = POINTS if args.point == "all" else {args.point: POINTS[args.point]}
+        names = list(POINTS) if args.point == "all" else args.point.split(",")
+        points = {name: POINTS[name] for name in names}
     OUT.mkdir(parents=True, exist_ok=True)
     data = byte_corpus()
-    print(header(args), flush=True)
     print(f"# corpus: {len(data[0]):,} train bytes, {len(data[1]):,} validation bytes", flush=True)
+    global _DATA
+    _DATA = data
     for name, point in points.items():
         if args.width or args.steps:
             point = Point(args.width or point.width, args.steps or point.steps, point.methods)
         methods = args.methods.split(",") if args.methods else point.methods
-        runs = []
-        for method in methods:
-            runs.append(train(method, point, data, args))
-            run = runs[-1]
-            print(f"  {name} {method:<15} val {run['final_val']:.3f}  wall {run['wall_s']:.0f} s  "
-                  f"block compute {run['block_compute']:.2f}", flush=True)
-        table = report(name, point, runs, args)
+        runs = [make_run(name, m, point, lr, init, seed, args)
+                for lr, init, seed, m in itertools.product(_floats(args.lr), args.init.split(","),
+                                                           [int(s) for s in args.seeds.split(",")], methods)]
+        records = execute(runs, args)
+        table = report(name, point, records, args)
         (OUT / f"quality_{name}.md").write_text(header(args) + "\n\n" + table)
-        (OUT / f"quality_{name}.json").write_text(json.dumps(runs))
-        image = plot(name, runs)
+        (OUT / f"quality_{name}.json").write_text(json.dumps(records))
+        image = plot(name, records, OUT / f"quality_{name}.png")
         print("\n" + table + (f"\nplot: {image}" if image else "\n(no plot: pip install matplotlib)"), flush=True)
 
 
