@@ -79,14 +79,17 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def byte_corpus(limit_bytes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Train/validation bytes from the running interpreter's standard library sources.
+def byte_corpus(limit_bytes: int | None = None, root: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train/validation bytes of Python sources: the running interpreter's standard library, or
+    every ``.py`` file under ``root`` (a larger corpus for GPU-sized models, e.g. an installed package).
 
     Every machine has them offline. Files are sorted by path; every 10th file is validation
     (a fixed held-out split).
     """
-    lib = Path(platform.__file__).resolve().parent
-    files = sorted(p for p in lib.glob("*.py"))
+    files = (sorted(Path(root).rglob("*.py")) if root is not None
+             else sorted(Path(platform.__file__).resolve().parent.glob("*.py")))
+    if not files:
+        raise ValueError(f"no .py files under corpus root {root!r}")
     train, val = bytearray(), bytearray()
     for i, path in enumerate(files):
         (val if i % 10 == 9 else train).extend(path.read_bytes())

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from common import GPT, GPTConfig, ROOT, add_device_args, byte_corpus, default_init, header, set_threads, sync
 
 import raptr_fx
-from raptr_fx import FullModel, LayerDrop, ProgressiveLayerDrop, RaPTr
+from raptr_fx import FullModel, LayerDrop, ProgressiveLayerDrop, RaPTr, Stage
 
 OUT = ROOT / "benchmarks" / "out"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -74,7 +74,7 @@ POINTS = {
 }
 QUICK = Point(32, 60, ("full", "raptr"))
 VERDICT_METHODS = ("full", "full-short", "raptr")
-GRID_LRS = (1e-3, 2e-3, 4e-3, 8e-3)  # 8e-3 added when 4e-3, the first grid's edge, was best for every method
+GRID_LRS = (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2)  # each edge added when the last edge was best for some method
 GRID_INITS = ("gpt2", "default")
 VERDICT_SEEDS = (0, 1, 2)
 
@@ -96,9 +96,40 @@ class Run:
     eval_batches: int = 20
     device: str = "cpu"
     dtype: str = "float32"
+    compile: bool = False  # model.compile() after transform (regional gates)
+    corpus: str = "stdlib"  # "stdlib" (the standard library's top-level sources) or a directory of .py files
 
     def key(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
+
+
+# The defaults search (issue 9): each variant has RaPTr 6-8-10-12's expected block compute (0.75 on
+# 12 units), so each compares with raptr and with full-short directly; all run at raptr's tuned LR.
+DEFAULTS_VARIANTS = {
+    "raptr-4-8-12-12": "stage shape: the last half of the steps on the full model",
+    "raptr-6-7-8-9-10-11-12": "stage shape: seven smaller stages",
+    "raptr-12-4-7-10-12": "stage shape: a full-model warm-up stage first",
+    "raptr-exact": "exactly k units per step instead of Bernoulli",
+    "raptr-inverse": "1/p scaling of a kept unit (the paper's default is none)",
+    "raptr-rewarm": "LR warmed up again over 50 steps after each stage transition",
+    "pld-equal": "Progressive Layer Dropping at the same compute (gamma 5/steps, theta_bar solved)",
+}
+REWARM_STEPS = 50
+
+
+def pld_at_compute(steps: int, compute: float = 0.75, num_units: int = 12) -> ProgressiveLayerDrop:
+    """PLD that decays over the first ~20% of the run and averages ``compute`` of the blocks."""
+    gamma = 5.0 / steps
+
+    def mean_keep(theta_bar: float) -> float:
+        schedule = ProgressiveLayerDrop(theta_bar=theta_bar, gamma=gamma)
+        return sum(sum(schedule.keep_probabilities(t, num_units)) for t in range(steps)) / (steps * num_units)
+
+    low, high = 1e-3, 1.0  # mean_keep rises with theta_bar
+    for _ in range(40):
+        middle = (low + high) / 2
+        low, high = (middle, high) if mean_keep(middle) < compute else (low, middle)
+    return ProgressiveLayerDrop(theta_bar=(low + high) / 2, gamma=gamma)
 
 
 def schedule_for(method: str, steps: int) -> tuple[raptr_fx.Schedule, dict]:
@@ -107,11 +138,20 @@ def schedule_for(method: str, steps: int) -> tuple[raptr_fx.Schedule, dict]:
         return FullModel(), {}
     if method == "pld":
         return ProgressiveLayerDrop(theta_bar=0.5, gamma=0.001), {}  # the recommended values
+    if method == "pld-equal":
+        return pld_at_compute(steps), {}
     if method == "layerdrop":
         return LayerDrop(p=0.25), {}  # same expected block compute as RaPTr 6-8-10-12
+    if method == "raptr-12-4-7-10-12":  # the warm-up given as keep=1.0: a string's "12" does not say "all units"
+        n = steps // 5
+        warmup = [Stage(n, keep=1.0), *(Stage(n, active=k) for k in (4, 7, 10)), Stage(steps - 4 * n, active=12)]
+        return RaPTr(warmup), {"scaling": "none"}
+    stages = method.removeprefix("raptr-")
+    if not stages[:1].isdigit():
+        stages = "6-8-10-12"
     sampling = "exact" if method == "raptr-exact" else "bernoulli"
     scaling = "inverse" if method == "raptr-inverse" else "none"
-    return RaPTr("6-8-10-12", total_steps=steps, sampling=sampling), {"scaling": scaling}
+    return RaPTr(stages, total_steps=steps, sampling=sampling), {"scaling": scaling}
 
 
 def learning_rate(step: int, steps: int, peak: float) -> float:
@@ -122,6 +162,13 @@ def learning_rate(step: int, steps: int, peak: float) -> float:
     if step < decay_start:
         return peak
     return peak * (1.0 - 0.9 * (step - decay_start) / (steps - decay_start))
+
+
+def rewarm_factor(step: int, schedule: raptr_fx.Schedule) -> float:
+    """LR factor that ramps from 1/REWARM_STEPS back to 1 after each stage transition (not the first stage)."""
+    start = max(first for first, _ in schedule.stage_bounds() if first <= step)
+    since = step - start
+    return (since + 1) / REWARM_STEPS if start > 0 and since < REWARM_STEPS else 1.0
 
 
 def batches(data: torch.Tensor, batch: int, seq: int, generator: torch.Generator) -> torch.Tensor:
@@ -159,7 +206,7 @@ def build_model(run: Run) -> GPT:
     return model.to(run.device)
 
 
-def train(run: Run, data: tuple[torch.Tensor, torch.Tensor]) -> dict:
+def train(run: Run, data: tuple[torch.Tensor, torch.Tensor], verbose: bool = False) -> dict:
     train_data, val_data = data
     model = build_model(run)
     params = sum(p.numel() for p in model.parameters())
@@ -169,6 +216,8 @@ def train(run: Run, data: tuple[torch.Tensor, torch.Tensor]) -> dict:
     schedule, options = schedule_for(run.method, steps)
     example = (torch.zeros(1, run.seq, dtype=torch.long, device=run.device),)
     ctl = raptr_fx.transform(model, schedule, example_inputs=example, seed=run.seed, **options)
+    if run.compile:
+        model.compile()
     optimizer = torch.optim.AdamW(model.parameters(), lr=run.lr, weight_decay=0.1, betas=(0.9, 0.95))
     zero_grads = run.method == "raptr-zerograd"
     ctl.attach(optimizer, freeze_dropped=not zero_grads)
@@ -178,8 +227,13 @@ def train(run: Run, data: tuple[torch.Tensor, torch.Tensor]) -> dict:
     for step in range(steps):
         if step % run.eval_every == 0:
             evals.append((step, elapsed, compute, evaluate(model, val_data, run)))
+            if verbose:
+                print(f"    {describe(run)}: step {step} val {evals[-1][3]:.4f} ({elapsed:.0f} s)", flush=True)
+        lr = learning_rate(step, steps, run.lr)
+        if run.method == "raptr-rewarm":
+            lr *= rewarm_factor(step, schedule)
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, steps, run.lr)
+            group["lr"] = lr
         chunk = batches(train_data, run.batch, run.seq, generator).to(run.device)
         compute += sum(s for s, k in zip(shares, ctl.active) if k) / sum(shares)
         sync(run.device)
@@ -218,18 +272,24 @@ def train(run: Run, data: tuple[torch.Tensor, torch.Tensor]) -> dict:
 
 # ---------------------------------------------------------------- running many runs, resumably
 
-_DATA = None
+_DATA: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # by corpus, loaded once per process
+_VERBOSE = False
 
 
-def _worker_init(threads: int) -> None:
+def _worker_init(threads: int, verbose: bool) -> None:
+    global _VERBOSE
     set_threads(threads)
+    _VERBOSE = verbose
+
+
+def corpus(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if name not in _DATA:
+        _DATA[name] = byte_corpus(root=None if name == "stdlib" else name)
+    return _DATA[name]
 
 
 def _work(run: Run) -> dict:
-    global _DATA
-    if _DATA is None:
-        _DATA = byte_corpus()
-    return train(run, _DATA)
+    return train(run, corpus(run.corpus), _VERBOSE)
 
 
 def load_results(path: Path | None) -> dict[str, dict]:
@@ -244,7 +304,9 @@ def load_results(path: Path | None) -> dict[str, dict]:
 
 
 def describe(run: Run) -> str:
-    return f"{run.point} {run.method:<14} lr {run.lr:g} init {run.init:<7} seed {run.seed} (w{run.width}, {run.steps} steps)"
+    compiled = ", compiled" if run.compile else ""
+    return (f"{run.point} {run.method:<14} lr {run.lr:g} init {run.init:<7} seed {run.seed} "
+            f"(w{run.width}, {run.steps} steps{compiled})")
 
 
 def execute(runs: list[Run], args: argparse.Namespace) -> list[dict]:
@@ -266,11 +328,12 @@ def execute(runs: list[Run], args: argparse.Namespace) -> list[dict]:
               f"block compute {result['block_compute']:.2f}", flush=True)
 
     if args.jobs <= 1:
+        _worker_init(args.threads, args.verbose)
         for run in todo:
             record(_work(run))
     elif todo:
         context = multiprocessing.get_context("spawn")  # no fork of a process with OpenMP threads
-        with context.Pool(args.jobs, initializer=_worker_init, initargs=(args.threads,)) as pool:
+        with context.Pool(args.jobs, initializer=_worker_init, initargs=(args.threads, args.verbose)) as pool:
             for result in pool.imap_unordered(_work, todo):
                 record(result)
     return [done[r.key()] for r in runs]
@@ -278,7 +341,7 @@ def execute(runs: list[Run], args: argparse.Namespace) -> list[dict]:
 
 def make_run(point: str, method: str, p: Point, lr: float, init: str, seed: int, args: argparse.Namespace) -> Run:
     return Run(point, method, p.width, p.steps, lr, init, seed, args.batch, args.seq,
-               args.eval_every, args.eval_batches, args.device, args.dtype)
+               args.eval_every, args.eval_batches, args.device, args.dtype, args.compile, args.corpus)
 
 
 def finite(value: float) -> float:
@@ -309,6 +372,22 @@ def plan_tuned(args: argparse.Namespace) -> None:
                for name in ("A", "B", "C") for seed in VERDICT_SEEDS for m in VERDICT_METHODS]
     print(f"# phase 2: verdict, points A, B, C x seeds {VERDICT_SEEDS} ({len(verdict)} runs)", flush=True)
     execute(verdict, args)
+
+
+def plan_defaults(args: argparse.Namespace) -> None:
+    """Screen each variant at A and B (seed 0); those that beat raptr at both get seeds 1 and 2."""
+    lr, init = best_settings(load_results(Path(args.results)))["raptr"]
+    points = ("A", "B")
+    screen = [make_run(p, m, POINTS[p], lr, init, 0, args) for p in points for m in ("raptr", *DEFAULTS_VARIANTS)]
+    print(f"# defaults search, screen: {len(screen)} runs at raptr's lr {lr:g}, init {init}", flush=True)
+    execute(screen, args)
+    records = load_results(Path(args.results))
+    loss = lambda p, m, seed: records[make_run(p, m, POINTS[p], lr, init, seed, args).key()]["final_val"]
+    winners = [m for m in DEFAULTS_VARIANTS if all(loss(p, m, 0) < loss(p, "raptr", 0) for p in points)]
+    confirm = [make_run(p, m, POINTS[p], lr, init, seed, args)
+               for seed in VERDICT_SEEDS[1:] for p in points for m in dict.fromkeys([*winners, "pld-equal"])]
+    print(f"# defaults search, seeds 1 and 2 of {winners + ['pld-equal']}: {len(confirm)} runs", flush=True)
+    execute(confirm, args)
 
 
 # ---------------------------------------------------------------- tables and plots of one set of runs
@@ -458,11 +537,38 @@ def tuned_report(args: argparse.Namespace) -> str:
                      f"{_fmt(compute_gap)} | " + ", ".join(f"s{s}: {raptr[s] - short[s]:+.3f}" for s in sorted(raptr) if s in short)
                      + " |")
     lines.append("")
+    if "raptr" in best:
+        lines += defaults_table(records, *best["raptr"], args)
     text = "\n".join(lines)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "quality_tuned.md").write_text(text + "\n")
     images = [plot_grid(records, args)] + [plot_verdict(name, records, best, args) for name in ("A", "B", "C")]
     return text + "\n" + "\n".join(f"plot: {i}" for i in images if i)
+
+
+def defaults_table(records: dict[str, dict], lr: float, init: str, args: argparse.Namespace) -> list[str]:
+    """Each variant against raptr and full-short, seed by seed (a variant only counts where both ran)."""
+    best_short = best_settings(records).get("full-short")
+    points = ("A", "B")
+    lines = [f"#### Defaults search: variants at raptr's setting (lr {lr:g}, {init}), equal compute (block compute 0.75)",
+             "", "| variant | what | " + " | ".join(f"{p}: loss | {p}: - raptr | {p}: - full-short" for p in points) + " |",
+             "|---|---|" + "---|---|---|" * len(points)]
+    for method in ("raptr", *DEFAULTS_VARIANTS):
+        cells = []
+        for p in points:
+            loss = {seed: records[k]["final_val"] for seed in VERDICT_SEEDS
+                    if (k := make_run(p, method, POINTS[p], lr, init, seed, args).key()) in records}
+            ref = {seed: records[k]["final_val"] for seed in loss
+                   if (k := make_run(p, "raptr", POINTS[p], lr, init, seed, args).key()) in records}
+            short = {seed: records[k]["final_val"] for seed in loss if best_short
+                     and (k := make_run(p, "full-short", POINTS[p], *best_short, seed, args).key()) in records}
+            seeds = f" ({len(loss)} seed{'s' if len(loss) != 1 else ''})" if loss else ""
+            cells += [_fmt(list(loss.values())) + seeds,
+                      "-" if method == "raptr" else _fmt([loss[s] - ref[s] for s in ref]),
+                      _fmt([loss[s] - short[s] for s in short])]
+        what = DEFAULTS_VARIANTS.get(method, "the default: 6-8-10-12, Bernoulli, fixed ends, no scaling")
+        lines.append(f"| {method} | {what} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def plot_grid(records: dict[str, dict], args: argparse.Namespace) -> str | None:
@@ -569,12 +675,17 @@ def main() -> None:
     parser.add_argument("--seed", "--seeds", dest="seeds", default="0", help="seed(s), comma list")
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--eval-batches", type=int, default=20)
+    parser.add_argument("--corpus", default="stdlib",
+                        help="stdlib, or a directory whose .py files are the corpus (for larger models)")
+    parser.add_argument("--compile", action="store_true", help="model.compile() after transform (regional gates)")
+    parser.add_argument("--verbose", action="store_true", help="print each evaluation as it happens")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
     parser.add_argument("--jobs", type=int, default=1, help="parallel worker processes (each --threads threads)")
     parser.add_argument("--results", default=None,
                         help=f"JSON-lines file of finished runs; appended to, and runs in it are skipped "
                              f"(default with --plan/--report: {RUNS_FILE.relative_to(ROOT)})")
-    parser.add_argument("--plan", choices=["tuned"], default=None, help="run the tuning grid then the verdict")
+    parser.add_argument("--plan", choices=["tuned", "defaults"], default=None,
+                        help="tuned: the tuning grid then the verdict; defaults: the defaults search (after tuned)")
     parser.add_argument("--report", action="store_true", help="tables and plots of --results; runs nothing")
     args = parser.parse_args()
     set_threads(args.threads)
@@ -586,7 +697,7 @@ def main() -> None:
     print(header(args), flush=True)
     if args.plan:
         print(f"# plan {args.plan}: results in {args.results}, {args.jobs} job(s) x {args.threads} thread(s)", flush=True)
-        plan_tuned(args)
+        (plan_tuned if args.plan == "tuned" else plan_defaults)(args)
         print(tuned_report(args))
         return
     if args.quick:
@@ -596,10 +707,8 @@ def main() -> None:
         names = list(POINTS) if args.point == "all" else args.point.split(",")
         points = {name: POINTS[name] for name in names}
     OUT.mkdir(parents=True, exist_ok=True)
-    data = byte_corpus()
-    print(f"# corpus: {len(data[0]):,} train bytes, {len(data[1]):,} validation bytes", flush=True)
-    global _DATA
-    _DATA = data
+    data = corpus(args.corpus)
+    print(f"# corpus {args.corpus}: {len(data[0]):,} train bytes, {len(data[1]):,} validation bytes", flush=True)
     for name, point in points.items():
         if args.width or args.steps:
             point = Point(args.width or point.width, args.steps or point.steps, point.methods)

@@ -160,12 +160,15 @@ class RaPTr(Schedule):
                                if getattr(before, f) is not None and getattr(after, f) is not None), None)
             if field_name is not None and getattr(after, field_name) < getattr(before, field_name):
                 what = "active units" if field_name == "active" else "keep probability"
+                # "12-4-..." on a 12-unit model usually means a full-model warm-up, which only keep=1.0 says.
+                warmup_hint = (" A full-model warm-up stage first is written Stage(steps, keep=1.0)."
+                               if before is stages[0] and field_name == "active" else "")
                 raise ValueError(
                     f"RaPTr stages {self.describe().removeprefix('RaPTr ')} shrink ({what} "
                     f"{getattr(before, field_name):g} then {getattr(after, field_name):g}): RaPTr grows its "
                     "subnetwork stage by stage. To drop more "
                     "layers as training goes on, use ProgressiveLayerDrop (the prior method the RaPTr "
-                    "paper argues against)")
+                    "paper argues against)." + warmup_hint)
 
     def fixed(self, num_units: int) -> frozenset[int]:
         if self.fixed_units == "ends":

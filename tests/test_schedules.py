@@ -119,6 +119,14 @@ def test_full_model_warmup_before_a_smaller_stage_is_not_shrinking():
     RaPTr([Stage(5, keep=1.0), Stage(5, active=6), Stage(5, active=12)])
 
 
+def test_shrinking_first_stage_says_how_to_write_a_warmup():
+    with pytest.raises(ValueError, match=r"warm-up stage first is written Stage\(steps, keep=1.0\)"):
+        RaPTr("12-4-8-12", total_steps=40)  # "12" is not known to be every unit until the model is
+    with pytest.raises(ValueError) as later:
+        RaPTr("4-8-6", total_steps=30)
+    assert "warm-up" not in str(later.value)
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda: RaPTr(12, total_steps=10), "stages must be a string"),
     (lambda: RaPTr("2-4", total_steps=10, fixed_units=[0, "last"]), "fixed_units must be 'ends' or a list"),
