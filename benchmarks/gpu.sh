@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks, in one run of under 9 minutes on one CUDA GPU; each prints its ratios last.
+# The GPU checks, in one run of about 4 minutes on one H200 (1500 steps); each prints its ratios last.
 #   bash benchmarks/gpu.sh 2>&1 | tee gpu.log        (files go to $OUT, else benchmarks/out)
 # 1. quality at a size nearer the paper's (issue 9): 12 layers, width 768, sequence 512, bfloat16,
 #    compiled (regional gates); full, full model at 75% of the steps, RaPTr 6-8-10-12; one seed,

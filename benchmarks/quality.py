@@ -9,22 +9,25 @@ stage transition, and the validation curve against steps and against compute.
     python benchmarks/quality.py --point A          # width 96, 1200 steps: all methods + ablations
     python benchmarks/quality.py --point all        # the tokens-per-parameter sweep
     python benchmarks/quality.py --plan tuned       # the tuned verdict (hours; resumable, see below)
+    python benchmarks/quality.py --plan defaults    # then the defaults search (about an hour on 2 cores)
     python benchmarks/quality.py --report           # tables + plots from the recorded runs
-    python benchmarks/quality.py --point A --device cuda --dtype bfloat16 --width 768 --batch 64
+    bash benchmarks/gpu.sh                          # a GPU-sized run (--device cuda --compile --corpus DIR ...)
 
 Comma lists in --point, --methods, --lr, --init and --seeds run every combination (a grid).
 --jobs N runs them as N single-process workers (--threads each, default 1: on a small shared
 machine one thread per process is far faster than OpenMP threads waiting on busy cores).
 With --results FILE every finished run is appended to FILE as one JSON line, keyed by
-(point, method, width, steps, lr, init, seed, batch, seq, eval settings, device, dtype); a rerun
-skips the runs already there, so an interrupted grid resumes where it stopped.
+(point, method, width, steps, lr, init, seed, batch, seq, eval settings, device, dtype, compile,
+corpus); a rerun skips the runs already there, so an interrupted grid resumes where it stopped.
 
 --plan tuned is the baseline-tuning protocol (issue 9), results in
 benchmarks/results/quality_runs.jsonl by default:
-  1. grid at point A, seed 0: peak LR {1e-3, 2e-3, 4e-3} x init {gpt2, default} for full,
+  1. grid at point A, seed 0: peak LR GRID_LRS x init {gpt2, default} for full,
      full-short (full model, 75% of the steps, its own LR schedule: RaPTr's compute) and raptr;
   2. verdict: each method at its own best grid setting, points A, B, C x seeds 0, 1, 2
      (A seed 0 is the grid run), in that order.
+--plan defaults screens DEFAULTS_VARIANTS (each at RaPTr 6-8-10-12's compute, at raptr's tuned
+setting) at A and B, seed 0; variants that beat raptr at both, and pld-equal, get seeds 1 and 2.
 
 Ad-hoc results go to benchmarks/out/quality_<point>.{md,json,png}; --report writes
 benchmarks/results/quality_tuned.md and benchmarks/results/quality_*.png.
@@ -38,8 +41,10 @@ import itertools
 import json
 import math
 import multiprocessing
+import os
 import statistics
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -276,10 +281,19 @@ _DATA: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # by corpus, loaded on
 _VERBOSE = False
 
 
+def _exit_with_parent(parent: int) -> None:
+    # A killed parent leaves pool workers running (they train on, then fail to report): follow it.
+    while os.getppid() == parent:
+        time.sleep(5)
+    os._exit(1)
+
+
 def _worker_init(threads: int, verbose: bool) -> None:
     global _VERBOSE
     set_threads(threads)
     _VERBOSE = verbose
+    if multiprocessing.parent_process() is not None:
+        threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
 
 
 def corpus(name: str) -> tuple[torch.Tensor, torch.Tensor]:
