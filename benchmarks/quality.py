@@ -122,18 +122,19 @@ DEFAULTS_VARIANTS = {
 REWARM_STEPS = 50
 
 
+def mean_keep(schedule: raptr_fx.Schedule, steps: int, num_units: int = 12) -> float:
+    """Expected block compute of equal units over ``steps`` steps, step by step (PLD changes every step)."""
+    return sum(sum(schedule.keep_probabilities(t, num_units)) for t in range(steps)) / (steps * num_units)
+
+
 def pld_at_compute(steps: int, compute: float = 0.75, num_units: int = 12) -> ProgressiveLayerDrop:
     """PLD that decays over the first ~20% of the run and averages ``compute`` of the blocks."""
     gamma = 5.0 / steps
-
-    def mean_keep(theta_bar: float) -> float:
-        schedule = ProgressiveLayerDrop(theta_bar=theta_bar, gamma=gamma)
-        return sum(sum(schedule.keep_probabilities(t, num_units)) for t in range(steps)) / (steps * num_units)
-
     low, high = 1e-3, 1.0  # mean_keep rises with theta_bar
     for _ in range(40):
         middle = (low + high) / 2
-        low, high = (middle, high) if mean_keep(middle) < compute else (low, middle)
+        below = mean_keep(ProgressiveLayerDrop(theta_bar=middle, gamma=gamma), steps, num_units) < compute
+        low, high = (middle, high) if below else (low, middle)
     return ProgressiveLayerDrop(theta_bar=(low + high) / 2, gamma=gamma)
 
 
@@ -490,6 +491,13 @@ def plot(name: str, runs: list[dict], path: Path) -> str | None:
 
 # ---------------------------------------------------------------- the tuned verdict's report
 
+def by_seed(records: dict[str, dict], point: str, method: str, setting: tuple[float, str],
+            args: argparse.Namespace, seeds=VERDICT_SEEDS) -> dict[int, dict]:
+    """The recorded runs of one method at one point and (lr, init), by seed."""
+    found = {seed: records.get(make_run(point, method, POINTS[point], *setting, seed, args).key()) for seed in seeds}
+    return {seed: rec for seed, rec in found.items() if rec is not None}
+
+
 def _fmt(values: list[float]) -> str:
     if not values:
         return "-"
@@ -535,15 +543,14 @@ def tuned_report(args: argparse.Namespace) -> str:
         for method in VERDICT_METHODS:
             if method not in best:
                 continue
-            per[method] = {seed: records[k]["final_val"] for seed in VERDICT_SEEDS
-                           if (k := make_run(name, method, POINTS[name], *best[method], seed, args).key()) in records}
+            per[method] = {seed: rec["final_val"] for seed, rec in by_seed(records, name, method, best[method], args).items()}
         verdict[name] = per
         if not any(per.values()):
             lines.append(f"| {name} | | 0 / 0 / 0 | (not run) | | | | | |")
             continue
         full, short, raptr = (per.get(m, {}) for m in VERDICT_METHODS)
-        tpp = next((records[k]["tokens_per_param"] for seed in VERDICT_SEEDS
-                    if (k := make_run(name, "full", POINTS[name], *best["full"], seed, args).key()) in records), float("nan"))
+        tpp = next((rec["tokens_per_param"] for rec in by_seed(records, name, "full", best["full"], args).values()),
+                   float("nan"))
         steps_gap = [raptr[s] - full[s] for s in raptr if s in full]
         compute_gap = [raptr[s] - short[s] for s in raptr if s in short]
         lines.append(f"| {name} | {tpp:.1f} | {len(full)} / {len(short)} / {len(raptr)} | {_fmt(list(full.values()))} | "
@@ -570,12 +577,10 @@ def defaults_table(records: dict[str, dict], lr: float, init: str, args: argpars
     for method in ("raptr", *DEFAULTS_VARIANTS):
         cells = []
         for p in points:
-            loss = {seed: records[k]["final_val"] for seed in VERDICT_SEEDS
-                    if (k := make_run(p, method, POINTS[p], lr, init, seed, args).key()) in records}
-            ref = {seed: records[k]["final_val"] for seed in loss
-                   if (k := make_run(p, "raptr", POINTS[p], lr, init, seed, args).key()) in records}
-            short = {seed: records[k]["final_val"] for seed in loss if best_short
-                     and (k := make_run(p, "full-short", POINTS[p], *best_short, seed, args).key()) in records}
+            loss = {seed: rec["final_val"] for seed, rec in by_seed(records, p, method, (lr, init), args).items()}
+            ref = {seed: rec["final_val"] for seed, rec in by_seed(records, p, "raptr", (lr, init), args, loss).items()}
+            short = {seed: rec["final_val"] for seed, rec in
+                     by_seed(records, p, "full-short", best_short, args, loss).items()} if best_short else {}
             seeds = f" ({len(loss)} seed{'s' if len(loss) != 1 else ''})" if loss else ""
             cells += [_fmt(list(loss.values())) + seeds,
                       "-" if method == "raptr" else _fmt([loss[s] - ref[s] for s in ref]),
@@ -624,8 +629,7 @@ def plot_verdict(name: str, records: dict[str, dict], best: dict, args: argparse
     for method in VERDICT_METHODS:
         if method not in best:
             continue
-        recs = [records[k] for seed in VERDICT_SEEDS
-                if (k := make_run(name, method, point, *best[method], seed, args).key()) in records]
+        recs = list(by_seed(records, name, method, best[method], args).values())
         if recs:
             series[method] = recs
     if not series:

@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-from raptr_fx import RaptrWarning, transform
+from raptr_fx import FullModel, RaptrWarning, transform
 from tests.fixtures.models import GPT, tokens
 
 
@@ -155,8 +155,6 @@ def test_detach_moves_the_controller_to_a_new_optimizer():
 
 
 def test_an_unstepped_full_model_schedule_is_not_reported():
-    from raptr_fx import FullModel
-
     torch.manual_seed(0)
     model = GPT(n_layer=4)
     transform(model, FullModel())  # every unit every step: stepping changes nothing
