@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import warnings
 
 import pytest
@@ -151,6 +152,29 @@ def test_whole_module_and_csv_logger(tmp_path):
     assert [b.name for b in callback.controller.blocks] == [f"model.transformer.h.{i}" for i in range(4)]
     assert callback.controller.step_count == STEPS
     assert "raptr/active_units" in (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
+
+
+def test_logged_values_are_those_of_the_step_on_the_row(tmp_path):
+    callback = RaPTrLightningCallback("3-3-4", module="model", seed=1)
+
+    class LogsWhatRan(LitGPT):
+        """Logs, next to its loss, the stage and units the gates ran in this batch's forward."""
+
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            ctl = callback.controller  # made at setup; read right after the forward
+            self.log_dict({"ran/stage": float(ctl.stage), "ran/active_units": float(sum(ctl.active))},
+                          on_step=True, on_epoch=False)
+            return loss
+
+    logger = L.pytorch.loggers.CSVLogger(tmp_path)
+    fit(callback, tmp_path, lit=LogsWhatRan(), logger=logger, callbacks=[callback], log_every_n_steps=1)
+    with open(tmp_path / "lightning_logs" / "version_0" / "metrics.csv") as f:
+        rows = [row for row in csv.DictReader(f) if row["raptr/stage"]]
+    assert len(rows) == STEPS  # one row per optimizer step
+    assert [(r["raptr/stage"], r["raptr/active_units"]) for r in rows] == [
+        (r["ran/stage"], r["ran/active_units"]) for r in rows]
+    assert {r["ran/stage"] for r in rows} == {"0.0", "1.0", "2.0"}  # an off-by-one shows at the stage boundaries
 
 
 def test_bad_arguments():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -16,13 +17,14 @@ from torch import nn
 import raptr_fx
 from raptr_fx import RaPTr
 from raptr_fx.errors import RaptrWarning
+from tests.distributed import run_ranks
 from tests.fixtures.models import GPT
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 transformers.logging.set_verbosity_error()
 
-from raptr_fx.integrations.transformers import STATE_FILE, RaPTrCallback  # noqa: E402
+from raptr_fx.integrations.transformers import STATE_FILE, TRAINER_STATE_KEY, RaPTrCallback  # noqa: E402
 
 VOCAB = 64
 STEPS = 12
@@ -76,6 +78,14 @@ def train(model: nn.Module, callback: RaPTrCallback, out, resume=None, **overrid
     return trainer, seen, steps[0]
 
 
+def without_entry(checkpoint) -> None:
+    """Drop the callback's entry from a checkpoint's trainer_state.json (as in older checkpoints)."""
+    path = checkpoint / "trainer_state.json"
+    state = json.loads(path.read_text())
+    del state["stateful_callbacks"][TRAINER_STATE_KEY]
+    path.write_text(json.dumps(state))
+
+
 def by_step(seen):
     """{step: active}; every micro-batch of one optimizer step must have run the same subnetwork."""
     result: dict[int, tuple[bool, ...]] = {}
@@ -111,7 +121,15 @@ def test_llama_first_batch_accumulation_resume_and_logs(tmp_path):
     assert sorted(resumed) == list(range(4, STEPS))
     assert all(resumed[t] == full[t] for t in resumed)
     assert optimizer_steps == STEPS - 4 and resumed_cb.controller.step_count == STEPS
-    # a checkpoint without the state file: a warning, then the schedule continues at the Trainer's step
+    # a checkpoint of an older version (only the state file): read from the state file
+    without_entry(tmp_path / "a" / "checkpoint-8")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RaptrWarning)
+        _, seen, _ = train(llama(), RaPTrCallback("3-3-4", seed=99), tmp_path / "a",
+                           resume=str(tmp_path / "a" / "checkpoint-8"))
+    resumed = by_step(seen)
+    assert sorted(resumed) == list(range(8, STEPS)) and all(resumed[t] == full[t] for t in resumed)
+    # neither: a warning, then the schedule continues at the Trainer's step with the callback's seed
     os.remove(tmp_path / "a" / "checkpoint-8" / STATE_FILE)
     with pytest.warns(RaptrWarning, match="no raptr_fx_state.json"):
         _, seen, _ = train(llama(), RaPTrCallback("3-3-4", seed=3), tmp_path / "a",
@@ -129,6 +147,42 @@ def test_bf16_mixed_precision(tmp_path):
     assert "_original_forward" in vars(model)  # Accelerate's autocast wrapper was there
     assert [b.name for b in callback.controller.blocks] == [f"model.layers.{i}" for i in range(4)]
     assert optimizer_steps == 4 and callback.controller.step_count == 4 and sorted(by_step(seen)) == [0, 1, 2, 3]
+
+
+def test_logged_values_are_those_of_the_step_on_the_row(tmp_path):
+    model = LM()
+    callback = RaPTrCallback("3-3-4", seed=1)
+    ran: dict[int, tuple[float, float]] = {}  # controller step -> (stage, units) the gates ran in its forward
+
+    def record(*_):
+        ctl = callback.controller
+        ran[ctl.step_count] = (float(ctl.stage), float(sum(ctl.active)))
+
+    model.register_forward_hook(record)
+    trainer, _, _ = train(model, callback, tmp_path, logging_steps=1, save_steps=100)
+    rows = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["step"] for h in rows] == list(range(1, STEPS + 1))
+    # row `step` logs the loss of optimizer step step - 1 (counted from 0)
+    assert [(h["raptr/stage"], h["raptr/active_units"]) for h in rows] == [ran[h["step"] - 1] for h in rows]
+    assert {stage for stage, _ in ran.values()} == {0.0, 1.0, 2.0}  # an off-by-one shows at the stage boundaries
+
+
+def test_resume_from_a_checkpoint_outside_output_dir(tmp_path):
+    callback = RaPTrCallback("3-3-4", seed=3)
+    _, seen, _ = train(LM(), callback, tmp_path / "run")
+    full = by_step(seen)
+    moved = tmp_path / "elsewhere" / "checkpoint-4"
+    shutil.copytree(tmp_path / "run" / "checkpoint-4", moved)
+    # another output_dir, whose checkpoint-4 does not exist, and another seed by mistake: the
+    # checkpoint's state must win, with no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RaptrWarning)
+        _, seen, optimizer_steps = train(LM(), RaPTrCallback("3-3-4", seed=99), tmp_path / "other",
+                                         resume=str(moved))
+    resumed = by_step(seen)
+    assert optimizer_steps == STEPS - 4 and sorted(resumed) == list(range(4, STEPS))
+    assert [resumed[t] for t in resumed] == [full[t] for t in resumed]
+    assert len({full[t] for t in resumed}) > 1
 
 
 def test_existing_controller_plain_model(tmp_path):
@@ -183,3 +237,40 @@ def test_core_imports_no_framework():
             "bad = [m for m in ('transformers', 'lightning', 'accelerate') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+def _ddp_worker(rank: int, out_dir: str) -> dict:
+    # The Trainer reads the process group's rank and size from the environment (torchrun's variables).
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    transformers.logging.set_verbosity_error()
+    options = dict(output_dir=out_dir, max_steps=STEPS, per_device_train_batch_size=2, use_cpu=True, report_to=[],
+                   save_strategy="no", disable_tqdm=True, learning_rate=1e-3, seed=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RaptrWarning)
+        default = transformers.Trainer(model=LM(), args=transformers.TrainingArguments(**options),
+                                       train_dataset=dataset(), callbacks=[RaPTrCallback("3-3-4")])
+    warned = [str(w.message) for w in caught if issubclass(w.category, RaptrWarning)]
+    model = LM()
+    callback = RaPTrCallback("3-3-4", seed=3)
+    decisions: list[list[bool]] = []
+    model.register_forward_hook(lambda *_: decisions.append(callback.controller.active))
+    trainer = transformers.Trainer(model=model, train_dataset=dataset(), callbacks=[callback],
+                                   args=transformers.TrainingArguments(**options, ddp_find_unused_parameters=False))
+    trainer.train()
+    return {"warned": warned, "default_finds_unused": default.accelerator.ddp_handler.find_unused_parameters,
+            "find_unused": trainer.model_wrapped.find_unused_parameters, "decisions": decisions,
+            "steps": callback.controller.step_count,
+            "checksum": [float(p.detach().double().sum()) for p in model.parameters()]}
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_decide_alike_without_find_unused_parameters(tmp_path):
+    ranks = run_ranks(_ddp_worker, tmp_path)
+    for rank in ranks:
+        # the Trainer's default, which the callback cannot change (it is fixed before any event): a warning
+        assert rank["default_finds_unused"] is True
+        assert len(rank["warned"]) == 1 and "ddp_find_unused_parameters=False" in rank["warned"][0]
+        assert rank["find_unused"] is False and rank["steps"] == STEPS and len(rank["decisions"]) == STEPS
+    assert ranks[0]["decisions"] == ranks[1]["decisions"]
+    assert any(not all(d) for d in ranks[0]["decisions"]), "some steps must drop units"
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]  # gradients were averaged, skipped units included

@@ -28,8 +28,9 @@ class RaPTrLightningCallback(Callback):
     gradients of dropped units are released in ``on_before_optimizer_step``, after the closure's
     backward. Its state is this callback's ``state_dict``, which Lightning stores in every
     checkpoint: ``trainer.fit(..., ckpt_path=...)`` replays the gate sequence of an uninterrupted
-    run. ``raptr/stage``, ``raptr/active_units`` and ``raptr/expected_compute`` are logged each
-    optimizer step through ``pl_module.log``.
+    run. ``raptr/stage``, ``raptr/active_units`` and ``raptr/expected_compute`` of each optimizer
+    step are logged through ``pl_module.log`` in ``on_before_optimizer_step``, on the row of the
+    loss of that step's last batch.
 
     Example:
         >>> from raptr_fx.integrations.lightning import RaPTrLightningCallback
@@ -67,7 +68,6 @@ class RaPTrLightningCallback(Callback):
         self._adoption = Adoption("RaPTrLightningCallback", schedule, controller, total_steps,
                                   {**transform_options, "example_inputs": example_inputs})
         self._optimizer: torch.optim.Optimizer | None = None
-        self._logged_step = -1
 
     @property
     def controller(self) -> Controller | None:
@@ -119,14 +119,13 @@ class RaPTrLightningCallback(Callback):
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
         controller = self._adoption.controller
-        if self.freeze_dropped and controller is not None and unwrap_optimizer(optimizer) is self._optimizer:
+        if controller is None or unwrap_optimizer(optimizer) is not self._optimizer:
+            return
+        if self.freeze_dropped:
             controller.release_dropped_grads()
-
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        controller = self._adoption.controller
-        if self.log_metrics and controller is not None and trainer.global_step != self._logged_step:
-            self._logged_step = trainer.global_step
+        # Logged here, after the closure's forward and before optimizer.step() moves the controller
+        # on: the values on a row are those of the step whose loss is on that row.
+        if self.log_metrics:
             pl_module.log_dict(metrics(controller), on_step=True, on_epoch=False)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
