@@ -8,11 +8,12 @@ from .controller import Controller, restore, transform
 from .discovery import Block, Discovery, discover, find_blocks
 from .errors import ExampleInputsError, RaptrError, RaptrWarning, TracingError
 from .schedules import (FullModel, LayerDrop, ProgressiveLayerDrop, RaPTr, Schedule, Stage,
-                        StagePlan, StochasticDepth, plan)
+                        StagePlan, StochasticDepth, WidthRaPTr, plan)
+from .width import WidthGroup, find_width_groups
 
 __all__ = [
     "Block", "Controller", "Discovery", "ExampleInputsError", "FullModel", "LayerDrop", "ProgressiveLayerDrop", "RaPTr",
-    "RaptrError", "RaptrWarning", "Schedule", "Stage", "StagePlan", "StochasticDepth", "TracingError", "discover",
-    "find_blocks", "plan", "restore", "transform",
+    "RaptrError", "RaptrWarning", "Schedule", "Stage", "StagePlan", "StochasticDepth", "TracingError", "WidthGroup", "WidthRaPTr",
+    "discover", "find_blocks", "find_width_groups", "plan", "restore", "transform",
 ]
 __version__ = "0.1.0"

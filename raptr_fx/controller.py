@@ -9,15 +9,19 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from .discovery import Block, discover, no_blocks_error
+from .cutting import CutForward, CutState, FrozenParts, install_cuts, remove_cuts
+from .discovery import Block, Discovery, discover, no_blocks_error
 from .errors import RaptrError
 from .gates import CompileMode, GatedForward, GateState, check_compile_mode, install_gate, remove_gates
 from .schedules import RaPTr, Schedule, StagePlan, overall_compute, plan
 from .usage import UsageMonitor
+from .width import WidthGroup, discovery_inputs, width_groups
 
 __all__ = ["Controller", "transform", "restore"]
 
 log = logging.getLogger("raptr_fx")
+
+_WIDTH_STREAM = 0x5EED_0F_1D7  # offsets the width draws' seeds from the depth draws' seeds
 
 ScalingRule = str | Callable[[float], float]
 
@@ -37,24 +41,33 @@ class Controller:
 
     def __init__(self, model: nn.Module, blocks: Sequence[Block], schedule: Schedule,
                  scaling: ScalingRule, seed: int, compile_mode: CompileMode = "regional",
-                 compile_options: dict[str, Any] | None = None):
+                 compile_options: dict[str, Any] | None = None, width_groups: Sequence[WidthGroup] = ()):
         self.model = model
         self.blocks = list(blocks)
+        self.width_groups = list(width_groups)
         self.schedule = schedule
         self.seed = seed
         self.scaling = _scaling_function(scaling)
         self._state = GateState(len(self.blocks), compile_mode, compile_options)
+        self._cuts = CutState(self.width_groups)
+        self._frozen_parts = FrozenParts(model, self._cuts)
         self._hooks: list[Any] = []
         self._stepping_with: torch.optim.Optimizer | None = None
         self._step = 0
         modules = dict(model.named_modules())
+        self._consumers = [modules[g.consumer] for g in self.width_groups]
         self._gates: list[GatedForward] = []
+        self._cut_forwards: list[CutForward] = []
         try:  # all or nothing: a failure leaves no gate behind
-            for i, b in enumerate(self.blocks):
-                self._gates.append(install_gate(modules[b.name], b, i, self._state, scaled=scaling != "none"))
+            if schedule.gates_depth:
+                for i, b in enumerate(self.blocks):
+                    self._gates.append(install_gate(modules[b.name], b, i, self._state, scaled=scaling != "none"))
+            self._cut_forwards = install_cuts(model, self.width_groups, self._cuts,
+                                              scaled=schedule.width_scaling != "none")
             self._apply()
         except BaseException:
             remove_gates(model)
+            remove_cuts(model)
             raise
         self._usage = UsageMonitor(self)
 
@@ -74,6 +87,24 @@ class Controller:
         keep = self._sample(keep_p)
         scale = [self.scaling(p) if k and p < 1.0 else 1.0 for k, p in zip(keep, keep_p)]
         self._state.set(keep, scale)
+        if self.width_groups:
+            kept = self._sample_width(self.schedule.width_fraction(self._step))
+            inverse = self.schedule.width_scaling == "inverse"
+            scales = [g.parts / len(k) if inverse and k is not None else 1.0 for g, k in zip(self.width_groups, kept)]
+            self._cuts.set(kept, scales, [m.weight.device for m in self._consumers])
+
+    def _sample_width(self, fraction: float) -> list[list[int] | None]:
+        """round(f x parts) parts per group, drawn without replacement; None where every part runs."""
+        if fraction >= 1.0:
+            return [None] * len(self.width_groups)
+        # Its own stream of (seed, step), so adding width leaves the depth decisions as they were.
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self._step + _WIDTH_STREAM) % (2**63))
+        kept: list[list[int] | None] = []
+        for group in self.width_groups:
+            count = max(1, round(fraction * group.parts))
+            chosen = torch.randperm(group.parts, generator=generator)[:count]
+            kept.append(None if count >= group.parts else sorted(chosen.tolist()))
+        return kept
 
     def _sample(self, keep_p: list[float]) -> list[bool]:
         generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self._step) % (2**63))
@@ -106,13 +137,24 @@ class Controller:
     def active_blocks(self) -> list[str]:
         return [b.name for b, k in zip(self.blocks, self._state.keep) if k]
 
+    @property
+    def kept_parts(self) -> dict[str, int]:
+        """This step's kept parts per width group (hidden units or key/value heads), by group name."""
+        return {g.name: g.parts if k is None else len(k) for g, k in zip(self.width_groups, self._cuts.kept)}
+
     def plan(self) -> list[StagePlan]:
-        """Per-stage expected compute, weighted by FLOPs share when known, else by parameters."""
-        if all(b.flops_share is not None for b in self.blocks):
+        """Per-stage expected compute, weighted by FLOPs share when known, else by parameters;
+        width cuts count as the kept fraction of their groups' compute."""
+        by_flops = all(b.flops_share is not None for b in self.blocks) and all(
+            g.flops_share is not None for g in self.width_groups)
+        if by_flops:
             weights = [b.flops_share for b in self.blocks]
         else:
             weights = [float(b.params) for b in self.blocks]
-        return plan(self.schedule, len(self.blocks), weights)
+        cut = {b.name: 0.0 for b in self.blocks}
+        for group in self.width_groups:
+            cut[group.unit] += group.flops_share if by_flops else float(group.params)
+        return plan(self.schedule, len(self.blocks), weights, [cut[b.name] for b in self.blocks])
 
     @property
     def expected_compute(self) -> float | None:
@@ -128,7 +170,9 @@ class Controller:
         Args:
             freeze_dropped: units dropped this step are not updated (their grads are set to None
                 before ``optimizer.step()``, which built-in optimizers skip). Without it, zero
-                gradients would still move them through Adam momentum and weight decay.
+                gradients would still move them through Adam momentum and weight decay. Width
+                parts not kept are saved before the step and written back after it (parameters
+                and optimizer state of the parameter's shape).
             step_with_optimizer: call :meth:`step` after every ``optimizer.step()``. Only one
                 optimizer may step the controller; attach a second one with ``False``.
 
@@ -142,6 +186,10 @@ class Controller:
                              "advance once per optimizer")
         if freeze_dropped:
             self._hooks.append(optimizer.register_step_pre_hook(lambda *_: self.release_dropped_grads()))
+            if self.width_groups:  # before the step hook below, which draws the next step's cuts
+                self._hooks.append(optimizer.register_step_pre_hook(lambda opt, *_: self._frozen_parts.save(opt)))
+                self._hooks.append(optimizer.register_step_post_hook(
+                    lambda opt, *_: self._frozen_parts.restore(opt)))
         if step_with_optimizer:
             self._hooks.append(optimizer.register_step_post_hook(lambda *_: self.step()))
             self._stepping_with = optimizer
@@ -172,12 +220,19 @@ class Controller:
 
     # -- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self._step, "seed": self.seed, "blocks": [b.name for b in self.blocks]}
+        state = {"step": self._step, "seed": self.seed, "blocks": [b.name for b in self.blocks]}
+        if self.width_groups:
+            state["width_groups"] = [g.name for g in self.width_groups]
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         names = [b.name for b in self.blocks]
         if state.get("blocks", names) != names:
             raise RaptrError(f"checkpoint was made for units {state['blocks']}, this model has {names}")
+        groups = [g.name for g in self.width_groups]
+        if state.get("width_groups", []) != groups:
+            raise RaptrError(f"checkpoint was made for width groups {state.get('width_groups', [])}, "
+                             f"this controller cuts {groups}")
         self.seed = int(state["seed"])
         self._step = int(state["step"])
         self._apply()
@@ -189,7 +244,12 @@ class Controller:
         self.detach()
         self._usage.remove()
         remove_gates(self.model)
+        remove_cuts(self.model)
         return self.model
+
+    def watched_modules(self) -> list[nn.Module]:
+        """The modules whose forward raptr_fx replaced: gated units and cut projections."""
+        return [g.module for g in self._gates] + [c.module for c in self._cut_forwards]
 
 
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
@@ -230,7 +290,7 @@ def _refuse_wrapped(model: nn.Module) -> None:
     if _fully_sharded(model):
         raise RaptrError("the model is already sharded with fully_shard (FSDP2): transform before fully_shard, "
                          "i.e. raptr_fx.transform(model, ...), then fully_shard each unit and the root")
-    if any(isinstance(m.__dict__.get("forward"), GatedForward) for m in model.modules()):
+    if any(isinstance(m.__dict__.get("forward"), (GatedForward, CutForward)) for m in model.modules()):
         raise RaptrError("the model is already transformed: call controller.remove() "
                          "(or raptr_fx.restore(model)) before transforming it again")
 
@@ -295,6 +355,8 @@ def transform(
         model: the bare model (before ``torch.compile`` / DDP). It keeps its class, methods,
             parameters and state_dict keys; ``controller.remove()`` undoes everything.
         schedule: a :class:`Schedule` or a RaPTr string like ``"6-8-10-12"`` (needs ``total_steps``).
+            Width-wise: :class:`WidthRaPTr` (``"0.5-0.67-0.83-1"``), or ``RaPTr(..., width=...)`` for
+            depth and width together; the units' MLP and attention-head groups are then cut too.
         example_inputs: tuple / dict / tensor; needed for models symbolic tracing cannot handle.
         scaling: ``"inverse"`` (1/p on a kept unit's update), ``"none"`` or a callable
             ``keep_prob -> factor``; default: the schedule's own convention.
@@ -334,10 +396,30 @@ def transform(
         raise ValueError(f"include={include} / exclude={exclude} left no unit to gate; droppable units are "
                          f"{[b.name for b in discovery.blocks if b.droppable]}")
     schedule.validate(len(blocks))
-    return Controller(model, blocks, schedule, scaling, seed, compile_mode, compile_options)
+    groups = _width_groups(model, discovery, example_inputs, schedule, blocks) if _cuts_width(schedule) else []
+    return Controller(model, blocks, schedule, scaling, seed, compile_mode, compile_options, groups)
+
+
+def _cuts_width(schedule: Schedule) -> bool:
+    return any(schedule.width_fraction(start) < 1.0 for start, _ in schedule.stage_bounds())
+
+
+def _width_groups(model: nn.Module, discovery: Discovery, example_inputs: Any, schedule: Schedule,
+                  blocks: list[Block]) -> list[WidthGroup]:
+    """The cuttable groups of the schedule's kinds inside the chosen units; an error if there are none."""
+    units = {b.name for b in blocks}
+    found = [g for g in width_groups(model, discovery, discovery_inputs(model, example_inputs))
+             if g.unit in units and g.kind in schedule.width_kinds]
+    chosen = [g for g in found if g.droppable]
+    if not chosen:
+        refused = "; ".join(f"{g.name}: {g.reason}" for g in found[:3]) or "no MLP or attention projections found"
+        raise RaptrError(f"the schedule cuts width ({', '.join(schedule.width_kinds)}) but {type(model).__name__} "
+                         f"has no cuttable group in its units ({refused}). Run `raptr-fx inspect MODEL --width`.")
+    return chosen
 
 
 def restore(model: nn.Module) -> nn.Module:
-    """Remove every raptr_fx gate from ``model`` (optimizer hooks stay; prefer ``controller.remove()``)."""
+    """Remove every raptr_fx gate and cut from ``model`` (optimizer hooks stay; prefer ``controller.remove()``)."""
     remove_gates(model)
+    remove_cuts(model)
     return model

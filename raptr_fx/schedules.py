@@ -19,11 +19,11 @@ FullModel                    1                                      none
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, Sequence
 
 __all__ = [
-    "Stage", "Schedule", "RaPTr", "ProgressiveLayerDrop", "StochasticDepth", "LayerDrop", "FullModel",
+    "Stage", "Schedule", "RaPTr", "WidthRaPTr", "ProgressiveLayerDrop", "StochasticDepth", "LayerDrop", "FullModel",
     "StagePlan", "plan", "overall_compute",
 ]
 
@@ -42,24 +42,35 @@ class Stage:
     """One RaPTr stage: its length and the size of the subnetwork.
 
     Give ``active`` (k, the expected number of running units, as in "6-8-10-12")
-    or ``keep`` (p, the keep probability of each unit outside the fixed set).
+    or ``keep`` (p, the keep probability of each unit outside the fixed set), and
+    optionally ``width`` (f, the fraction of each width group's parts kept).
+    A width-only stage gives ``width`` alone: every unit runs.
+
+    Example:
+        >>> Stage(1000, active=6, width=0.5)   # 6 units in expectation, half of each MLP and head group
+        >>> Stage(1000, width=0.5)             # every unit, half of each group
     """
 
     steps: int  # length of the stage in optimizer steps
     active: float | None = None  # k: expected number of active units (fixed ones included)
     keep: float | None = None  # p: keep probability of each non-fixed unit
+    width: float | None = None  # f: fraction of each width group's parts kept (None: all)
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps <= 0:
             raise ValueError(f"Stage.steps must be a positive int, got {self.steps!r}")
+        if self.width is not None and self.active is None and self.keep is None:
+            object.__setattr__(self, "keep", 1.0)  # width only: every unit runs
         if (self.active is None) == (self.keep is None):
             raise ValueError(f"give exactly one of Stage.active or Stage.keep, got active={self.active!r}, "
                              f"keep={self.keep!r}")
-        for name in ("active", "keep"):
+        for name in ("active", "keep", "width"):
             if getattr(self, name) is not None:
                 _require_number(f"Stage.{name}", getattr(self, name))
         if self.keep is not None and not 0.0 < self.keep <= 1.0:
             raise ValueError(f"Stage.keep must be in (0, 1], got {self.keep!r}")
+        if self.width is not None and not 0.0 < self.width <= 1.0:
+            raise ValueError(f"Stage.width must be in (0, 1], got {self.width!r}")
         if self.active is not None and self.active <= 0:
             raise ValueError(f"Stage.active must be positive, got {self.active!r}")
 
@@ -69,6 +80,13 @@ class Schedule:
 
     sampling: Sampling = "bernoulli"
     scaling: Scaling = "none"  # the method's own rescaling convention
+    width_kinds: tuple[str, ...] = ()  # width groups cut: "mlp", "heads"; () cuts none
+    width_scaling: Scaling = "none"  # factor on a cut consumer's output: "inverse" is parts / kept
+    gates_depth: bool = True  # False: no unit is ever dropped, so no depth gate is installed
+
+    def width_fraction(self, step: int) -> float:
+        """Fraction of each width group's parts kept at ``step`` (1.0: no cut)."""
+        return 1.0
 
     def validate(self, num_units: int) -> None:
         """Raise ValueError if the schedule cannot run on ``num_units`` units."""
@@ -91,11 +109,12 @@ class Schedule:
         return type(self).__name__
 
 
-def _parse(spec: str) -> list[float]:
+def _parse(spec: str, what: str = "active units per stage") -> list[float]:
+    example = "0.5-0.67-0.83-1" if what.startswith("keep") else "6-8-10-12"
     try:
         values = [float(part) for part in spec.split("-")]
     except ValueError:
-        raise ValueError(f"schedule {spec!r} is not of the form '6-8-10-12' (active units per stage)") from None
+        raise ValueError(f"schedule {spec!r} is not of the form {example!r} ({what})") from None
     return values
 
 
@@ -113,9 +132,14 @@ class RaPTr(Schedule):
     fixed_units: Literal["ends"] | Sequence[int] = "ends"  # I: "ends" = first and last unit, as in the paper
     sampling: Sampling = "bernoulli"  # "bernoulli": unit i kept with prob p; "exact": exactly k run
     scaling: Scaling = "none"  # see README: inverse (1/p) measured worse here
+    # Width per stage alongside the depth stages: "0.5-0.67-0.83-1" or one fraction per stage.
+    width: str | Sequence[float] | None = None
+    width_kinds: tuple[str, ...] = ("mlp", "heads")  # which width groups the width stages cut
+    width_scaling: Scaling = "none"  # see README: no scaling measured better for width
     resolved: tuple[Stage, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        self._check_width_options()
         if self.sampling not in ("bernoulli", "exact"):
             raise ValueError(f"sampling must be 'bernoulli' or 'exact', got {self.sampling!r}")
         if self.total_steps is not None and (not isinstance(self.total_steps, int) or self.total_steps <= 0):
@@ -123,13 +147,13 @@ class RaPTr(Schedule):
         if isinstance(self.stages, str):
             if self.total_steps is None:
                 raise ValueError(f"schedule {self.stages!r} needs total_steps to set the stage lengths")
-            sizes = _parse(self.stages)
+            sizes = _parse(self.stages, self._spec_kind())
             if self.total_steps < len(sizes):
                 raise ValueError(f"total_steps={self.total_steps} is shorter than the {len(sizes)} stages")
             base, extra = divmod(self.total_steps, len(sizes))
             # Spread the remainder over the last stages, so the full model gets the extra steps.
             lengths = [base + (1 if i >= len(sizes) - extra else 0) for i in range(len(sizes))]
-            resolved = tuple(Stage(n, active=k) for n, k in zip(lengths, sizes))
+            resolved = tuple(self._stage(n, k) for n, k in zip(lengths, sizes))
         else:
             if not isinstance(self.stages, (list, tuple)):
                 raise TypeError(f"stages must be a string like '6-8-10-12' or a list of Stage, got {self.stages!r}")
@@ -139,7 +163,7 @@ class RaPTr(Schedule):
             covered = sum(s.steps for s in resolved)
             if self.total_steps is not None and covered != self.total_steps:
                 raise ValueError(f"stages cover {covered} steps but total_steps={self.total_steps}")
-        object.__setattr__(self, "resolved", resolved)
+        object.__setattr__(self, "resolved", self._with_width(resolved))
         self._refuse_shrinking()
         if not isinstance(self.fixed_units, str):
             indices = tuple(self.fixed_units) if isinstance(self.fixed_units, (list, tuple, range, set)) else None
@@ -148,6 +172,43 @@ class RaPTr(Schedule):
             object.__setattr__(self, "fixed_units", indices)
         elif self.fixed_units != "ends":
             raise ValueError(f"fixed_units must be 'ends' or a list of unit indices, got {self.fixed_units!r}")
+
+    def _stage(self, steps: int, value: float) -> Stage:
+        """The stage one number of a schedule string stands for."""
+        return Stage(steps, active=value)
+
+    def _spec_kind(self) -> str:
+        return "active units per stage"
+
+    def _check_width_options(self) -> None:
+        kinds = (self.width_kinds,) if isinstance(self.width_kinds, str) else tuple(self.width_kinds)
+        bad = [k for k in kinds if k not in ("mlp", "heads")]
+        if bad or not kinds:
+            raise ValueError(f"width_kinds must name 'mlp' and/or 'heads', got {self.width_kinds!r}")
+        object.__setattr__(self, "width_kinds", kinds)
+        if self.width_scaling not in ("none", "inverse"):
+            raise ValueError(f"width_scaling must be 'none' or 'inverse', got {self.width_scaling!r}")
+
+    def _with_width(self, stages: tuple[Stage, ...]) -> tuple[Stage, ...]:
+        """The stages with ``width=`` folded in: one fraction per stage."""
+        if self.width is None:
+            return stages
+        fractions = _parse(self.width, "keep fractions per stage") if isinstance(self.width, str) else list(self.width)
+        if len(fractions) != len(stages):
+            raise ValueError(f"width {self.width!r} has {len(fractions)} stages, the schedule has {len(stages)}")
+        if any(s.width is not None for s in stages):
+            raise ValueError("give the width per stage either in Stage(width=...) or as width=, not both")
+        return tuple(replace(s, width=f) for s, f in zip(stages, fractions))
+
+    def width_fraction(self, step: int) -> float:
+        if not self.cuts_width:
+            return 1.0
+        width = self.resolved[self.stage_index(step)].width
+        return 1.0 if width is None else width
+
+    @property
+    def cuts_width(self) -> bool:
+        return any(s.width is not None and s.width < 1.0 for s in self.resolved)
 
     def _refuse_shrinking(self) -> None:
         """RaPTr's subnetwork grows; a schedule that shrinks it is Progressive Layer Dropping's idea."""
@@ -169,6 +230,12 @@ class RaPTr(Schedule):
                     "subnetwork stage by stage. To drop more "
                     "layers as training goes on, use ProgressiveLayerDrop (the prior method the RaPTr "
                     "paper argues against)." + warmup_hint)
+
+        widths = [1.0 if s.width is None else s.width for s in self.resolved]
+        for before, after in zip(widths, widths[1:]):
+            if after < before:
+                raise ValueError(f"RaPTr width stages shrink ({before:g} then {after:g}): RaPTr grows its "
+                                 "subnetwork stage by stage")
 
     def fixed(self, num_units: int) -> frozenset[int]:
         if self.fixed_units == "ends":
@@ -212,8 +279,44 @@ class RaPTr(Schedule):
 
     def describe(self) -> str:
         if isinstance(self.stages, str):
-            return f"RaPTr {self.stages}"
-        return "RaPTr " + "-".join(f"{s.active:g}" if s.active is not None else f"p{s.keep:g}" for s in self.resolved)
+            depth = self.stages
+        else:
+            depth = "-".join(f"{s.active:g}" if s.active is not None else f"p{s.keep:g}" for s in self.resolved)
+        if not any(s.width is not None for s in self.resolved):
+            return f"RaPTr {depth}"
+        width = "-".join(f"{1.0 if s.width is None else s.width:g}" for s in self.resolved)
+        return f"RaPTr {depth} x width {width} ({', '.join(self.width_kinds)})"
+
+
+@dataclass(frozen=True)
+class WidthRaPTr(RaPTr):
+    """Width-wise RaPTr: every unit runs; each MLP and attention-head group keeps a random fraction
+    of its parts that grows stage by stage ("0.5-0.67-0.83-1" on four equal stages).
+
+    Example:
+        >>> WidthRaPTr("0.5-0.67-0.83-1", total_steps=100_000)
+        >>> WidthRaPTr([Stage(5000, width=0.5), Stage(5000, width=1.0)], width_kinds=("mlp",))
+    """
+
+    gates_depth = False  # every unit always runs
+
+    def __post_init__(self) -> None:
+        if self.width is not None:
+            raise ValueError(f"WidthRaPTr's stages are its widths; width={self.width!r} is for RaPTr(...)")
+        super().__post_init__()
+        if any(s.keep != 1.0 for s in self.resolved):
+            raise ValueError("WidthRaPTr stages give a width only (Stage(steps, width=f)); "
+                             "to drop units too, use RaPTr(..., width=...)")
+
+    def _stage(self, steps: int, value: float) -> Stage:
+        return Stage(steps, width=value)
+
+    def _spec_kind(self) -> str:
+        return "keep fractions per stage"
+
+    def describe(self) -> str:
+        return "WidthRaPTr " + "-".join(f"{1.0 if s.width is None else s.width:g}" for s in self.resolved) + (
+            f" ({', '.join(self.width_kinds)})")
 
 
 @dataclass(frozen=True)
@@ -290,10 +393,13 @@ class StagePlan:
     active: float  # expected number of running units
     keep: list[float]  # keep probability per unit
     compute: float  # expected share of the units' compute that runs (weights: FLOPs or params)
+    width: float = 1.0  # fraction of each width group's parts kept
 
 
-def plan(schedule: Schedule, num_units: int, weights: Sequence[float] | None = None) -> list[StagePlan]:
-    """Expected compute per stage; ``weights`` are the units' costs (FLOPs share, else parameters)."""
+def plan(schedule: Schedule, num_units: int, weights: Sequence[float] | None = None,
+         width_weights: Sequence[float] | None = None) -> list[StagePlan]:
+    """Expected compute per stage; ``weights`` are the units' costs (FLOPs share, else parameters),
+    ``width_weights`` the part of each unit's cost in its width groups (in the same measure)."""
     if not isinstance(schedule, Schedule):
         raise TypeError(f"schedule must be a raptr_fx Schedule, got {schedule!r}")
     if isinstance(num_units, bool) or not isinstance(num_units, int) or num_units <= 0:
@@ -302,12 +408,16 @@ def plan(schedule: Schedule, num_units: int, weights: Sequence[float] | None = N
     weights = list(weights) if weights is not None else [1.0] * num_units
     if len(weights) != num_units:
         raise ValueError(f"weights has {len(weights)} entries for {num_units} units")
+    width_weights = list(width_weights) if width_weights is not None else [0.0] * num_units
+    if len(width_weights) != num_units:
+        raise ValueError(f"width_weights has {len(width_weights)} entries for {num_units} units")
     total = sum(weights) or 1.0
     rows = []
     for i, (start, end) in enumerate(schedule.stage_bounds()):
         keep = schedule.keep_probabilities(start, num_units)
-        compute = sum(p * w for p, w in zip(keep, weights)) / total
-        rows.append(StagePlan(i, start, None if end is None else end - start, sum(keep), keep, compute))
+        f = schedule.width_fraction(start)
+        compute = sum(p * (w - (1.0 - f) * g) for p, w, g in zip(keep, weights, width_weights)) / total
+        rows.append(StagePlan(i, start, None if end is None else end - start, sum(keep), keep, compute, f))
     return rows
 
 

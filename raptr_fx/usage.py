@@ -77,7 +77,7 @@ class UsageMonitor:
         controller = self._controller()
         if controller is None or not self._follows(optimizer, controller):
             return
-        if not any(gate.module.training for gate in controller._gates):
+        if not any(module.training for module in controller.watched_modules()):
             self._report("eval", "the optimizer stepped while the model is in eval mode, so every unit ran "
                          "and RaPTr had no effect (a model from from_pretrained starts in eval mode): call "
                          "model.train() before training")
@@ -103,7 +103,7 @@ class UsageMonitor:
             return followed is optimizer
         holds = self._holds_units.get(optimizer)
         if holds is None:
-            units = {id(p) for gate in controller._gates for p in gate.parameters()}
+            units = {id(p) for module in controller.watched_modules() for p in module.parameters()}
             holds = any(id(p) in units for group in optimizer.param_groups for p in group["params"])
             self._holds_units[optimizer] = holds
         if holds:

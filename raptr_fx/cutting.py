@@ -1,0 +1,213 @@
+"""Width cuts: projections that compute only the kept hidden units or heads of a step.
+
+A cut replaces ``forward`` on the projection instances of a :class:`~raptr_fx.width.WidthGroup`
+(the class, parameters and state_dict keys are untouched, like the depth gates):
+
+* a producer computes only the kept rows: ``linear(x, W[kept], b[kept])``;
+* the consumer reads only the kept columns: ``linear(h, W[:, kept]) * scale + b``.
+
+The elementwise ops between them see the narrowed tensor, so the group's FLOPs fall to the kept
+fraction. With every part kept, or in eval mode, the original forward runs, bit for bit.
+
+Parts not kept get exactly zero gradient (``index_select``'s backward), but an optimizer would
+still move them through momentum and weight decay; :class:`FrozenParts` puts their values and
+optimizer state back after ``optimizer.step()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .width import Projection, WidthGroup, projection_of
+
+__all__ = ["CutForward", "CutState", "install_cuts", "remove_cuts", "FrozenParts", "kept_indices"]
+
+
+class CutState:
+    """The kept parts of every group for one step, shared by all cut forwards of a model."""
+
+    def __init__(self, groups: Sequence[WidthGroup]):
+        self.groups = list(groups)
+        self.kept: list[list[int] | None] = [None] * len(self.groups)  # None: every part runs
+        self.scale: list[float] = [1.0] * len(self.groups)
+        # (group, module position) -> kept row/column indices on the weight's device; rebuilt on set().
+        self.index: dict[tuple[int, int], torch.Tensor | None] = {}
+
+    def set(self, kept: list[list[int] | None], scale: list[float], devices: Sequence[torch.device]) -> None:
+        """This step's kept parts per group (None: all), consumer scales, and each group's weight device."""
+        self.kept[:] = kept
+        self.scale[:] = scale
+        self.index = {(g, position): None if parts is None else kept_indices(parts, width, devices[g])
+                      for g, (group, parts) in enumerate(zip(self.groups, kept))
+                      for position, width in enumerate(group.part_widths)}
+
+
+def kept_indices(parts: Sequence[int], width: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The rows (or columns) of kept ``parts``, each spanning ``width`` contiguous rows."""
+    base = torch.as_tensor(list(parts), dtype=torch.long)
+    if width == 1:
+        return base.to(device)
+    return (base[:, None] * width + torch.arange(width)).flatten().to(device)
+
+
+class CutForward:
+    """Stands in for a projection's ``forward``; see the module docstring."""
+
+    def __init__(self, module: nn.Module, projection: Projection, producer: bool, group: int, position: int,
+                 state: CutState, scaled: bool):
+        self.module = module
+        self.projection = projection
+        self.producer = producer
+        self.group = group
+        self.position = position
+        self.state = state
+        self.scaled = scaled
+        self.original: Callable[..., Any] = module.forward
+        self.instance_forward = module.__dict__.get("forward")
+
+    def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not self.module.training or self.state.kept[self.group] is None:
+            return self.original(x, *args, **kwargs)
+        return cut_linear(x, self.module.weight, self.module.bias, self.state.index[self.group, self.position],
+                          producer=self.producer, transposed=self.projection.transposed,
+                          scale=self.state.scale[self.group] if self.scaled else 1.0)
+
+
+def cut_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, index: torch.Tensor, *,
+               producer: bool, transposed: bool, scale: float = 1.0) -> torch.Tensor:
+    """A projection restricted to ``index``: its output rows (producer) or input columns (consumer)."""
+    out_dim = 1 if transposed else 0  # Conv1D keeps weight as [in, out]
+    if producer:
+        weight = weight.index_select(out_dim, index)
+        bias = bias.index_select(0, index) if bias is not None else None
+        return F.linear(x, weight.t() if transposed else weight, bias)
+    weight = weight.index_select(1 - out_dim, index)
+    out = F.linear(x, weight.t() if transposed else weight)
+    if scale != 1.0:
+        out = out * scale
+    return out if bias is None else out + bias
+
+
+def install_cuts(model: nn.Module, groups: Sequence[WidthGroup], state: CutState, scaled: bool) -> list[CutForward]:
+    modules = dict(model.named_modules())
+    cuts = []
+    try:
+        for g, group in enumerate(groups):
+            for position, name in enumerate(group.modules):
+                module = modules[name]
+                projection = projection_of(name, module)
+                if projection is None:
+                    raise TypeError(f"{name} of width group {group.name} is no longer a Linear or Conv1D")
+                cut = CutForward(module, projection, position < len(group.modules) - 1, g, position, state, scaled)
+                module.forward = cut
+                cuts.append(cut)
+    except BaseException:
+        remove_cuts(model)
+        raise
+    return cuts
+
+
+def remove_cuts(model: nn.Module) -> int:
+    removed = 0
+    for module in model.modules():
+        cut = module.__dict__.get("forward")
+        if isinstance(cut, CutForward):
+            del module.forward
+            if cut.instance_forward is not None:
+                module.forward = cut.instance_forward
+            removed += 1
+    return removed
+
+
+class _AlwaysCut(CutForward):
+    """For the proof on fake tensors: cut whatever the module's training flag says."""
+
+    def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return cut_linear(x, self.module.weight, self.module.bias, self.state.index[self.group, self.position],
+                          producer=self.producer, transposed=self.projection.transposed)
+
+
+@contextlib.contextmanager
+def trial_cuts(model: nn.Module, groups: Sequence[WidthGroup]) -> Iterator[None]:
+    """Cut each group to about half of its parts (the first ones) while the block runs."""
+    state = CutState(groups)
+    modules = dict(model.named_modules())
+    state.set([list(range(max(1, g.parts // 2))) for g in groups], [1.0] * len(groups),
+              [modules[g.consumer].weight.device for g in groups])
+    installed = []
+    try:
+        for g, group in enumerate(groups):
+            for position, name in enumerate(group.modules):
+                module = modules[name]
+                cut = _AlwaysCut(module, projection_of(name, module), position < len(group.modules) - 1, g,
+                                 position, state, False)
+                module.forward = cut
+                installed.append((module, cut))
+        yield
+    finally:
+        for module, cut in installed:
+            del module.forward
+            if cut.instance_forward is not None:
+                module.forward = cut.instance_forward
+
+
+# -- optimizer: parts not kept stay as they were ------------------------------------------------
+class FrozenParts:
+    """Saves the rows and columns of parts not kept before ``optimizer.step()`` and writes them
+    back after it: parameters and every optimizer state tensor of the parameter's shape (Adam's
+    moments, SGD's momentum). Parameters without a gradient (a unit dropped whole) are skipped:
+    the optimizer leaves them alone already."""
+
+    def __init__(self, model: nn.Module, state: CutState):
+        self.model = model
+        self.state = state
+        self.saved: list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor, dict[str, torch.Tensor | None]]] = []
+
+    def slices(self) -> Iterator[tuple[torch.Tensor, int, torch.Tensor]]:
+        """(parameter, dim, indices not kept) for every cut parameter of this step."""
+        modules = dict(self.model.named_modules())
+        for g, (group, kept) in enumerate(zip(self.state.groups, self.state.kept)):
+            if kept is None:
+                continue
+            dropped = sorted(set(range(group.parts)) - set(kept))
+            for position, name in enumerate(group.modules):
+                module = modules[name]
+                weight = module.weight
+                if weight.grad is None or not module.training:
+                    continue
+                index = kept_indices(dropped, group.part_widths[position], weight.device)
+                transposed = projection_of(name, module).transposed
+                producer = position < len(group.modules) - 1
+                out_dim = 1 if transposed else 0
+                yield weight, out_dim if producer else 1 - out_dim, index
+                if producer and module.bias is not None:
+                    yield module.bias, 0, index
+
+    def save(self, optimizer: torch.optim.Optimizer) -> None:
+        self.saved.clear()
+        for param, dim, index in self.slices():
+            states = {key: (value.index_select(dim, index) if value is not None else None)
+                      for key, value in _shaped_state(optimizer, param).items()}
+            self.saved.append((param, dim, index, param.detach().index_select(dim, index), states))
+
+    def restore(self, optimizer: torch.optim.Optimizer) -> None:
+        with torch.no_grad():
+            for param, dim, index, value, states in self.saved:
+                param.index_copy_(dim, index, value)
+                for key, tensor in _shaped_state(optimizer, param, created=True).items():
+                    before = states.get(key)
+                    # State made by this very step (the first one) starts at zero for parts not kept.
+                    tensor.index_copy_(dim, index, before if before is not None else torch.zeros_like(
+                        tensor.index_select(dim, index)))
+        self.saved.clear()
+
+
+def _shaped_state(optimizer: torch.optim.Optimizer, param: torch.Tensor,
+                  created: bool = False) -> dict[str, torch.Tensor]:
+    state = optimizer.state.get(param, {}) if not created else optimizer.state[param]
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and v.shape == param.shape}

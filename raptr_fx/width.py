@@ -1,0 +1,529 @@
+"""Find the width groups of a model: MLP hidden units and attention heads that can be cut.
+
+A width group is a set of projections inside one unit whose shared hidden dimension can be
+narrowed for a training step without touching anything else:
+
+* ``mlp``: producers that map the stream to H hidden units (``fc``, or ``gate`` and ``up`` of a
+  gated MLP), only elementwise ops between them (activation, the gating product, dropout), and
+  one consumer that maps H back (``c_fc -> gelu -> c_proj``; ``down(act(gate(x)) * up(x))``).
+  Producers computing k of the H rows and the consumer reading the same k columns compute
+  exactly the sub-MLP of those k units.
+* ``heads``: query, key and value projections feeding one attention op (``scaled_dot_product_
+  attention``, or ``matmul -> softmax -> matmul``) and the output projection after it. The parts
+  are key/value heads, each with the query heads that share it (grouped-query attention), so a
+  cut keeps whole heads. The model's own code must size its reshapes from the data
+  (``view(b, t, -1, head_dim)``, as Hugging Face models do); a head count fixed in the code is
+  caught by the probe below and reported.
+
+Each group is proved on fake tensors: the model runs with the group's projections cut and every
+unit's output keeps its shape. Projections are ``nn.Linear`` or Hugging Face's ``Conv1D``
+(``weight`` stored as ``[in, out]``).
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, replace
+from typing import Any, Iterable, Literal
+
+import networkx as nx
+import torch
+from torch import fx, nn
+
+from .discovery import Discovery, _Grouping, discover
+from .probe import Probe, probe
+from .residuals import _op_name
+from .tracing import ExampleInputs, is_shape_query
+
+__all__ = ["WidthGroup", "find_width_groups", "width_groups"]
+
+WidthKind = Literal["mlp", "heads"]
+KINDS: tuple[WidthKind, ...] = ("mlp", "heads")
+
+# Ops that act on each hidden unit on its own: a cut hidden layer computes them for the kept units only.
+_ELEMENTWISE = {
+    "gelu", "relu", "silu", "sigmoid", "tanh", "erf", "exp", "neg", "abs", "pow", "sqrt", "square",
+    "mul", "add", "sub", "div", "truediv", "clamp", "clamp_min", "clamp_max", "hardtanh", "leaky_relu",
+    "elu", "selu", "celu", "softplus", "mish", "relu6", "hardswish", "hardsigmoid", "log_sigmoid",
+    "dropout", "native_dropout", "feature_dropout", "to", "_to_copy", "type", "float", "half", "bfloat16",
+    "clone", "contiguous", "alias", "detach", "gelu_", "relu_", "silu_", "mul_", "add_", "dropout_",
+}
+_ELEMENTWISE_MODULES = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Dropout, nn.Identity, nn.LeakyReLU,
+                        nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.ReLU6, nn.Softplus,
+                        nn.Hardtanh)
+_ATTENTION_OPS = {"scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
+                  "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention",
+                  "_scaled_dot_product_cudnn_attention"}
+_MATMULS = {"matmul", "bmm", "einsum"}
+_SOFTMAX = {"softmax", "_softmax", "_safe_softmax"}
+
+
+@dataclass(frozen=True)
+class WidthGroup:
+    """One width group of a unit: MLP hidden units or attention heads that a step can cut.
+
+    Example:
+        >>> [(g.unit, g.kind, g.size) for g in raptr_fx.find_width_groups(model, inputs)]
+        [('model.layers.0', 'heads', 4), ('model.layers.0', 'mlp', 128), ...]
+    """
+
+    unit: str  # the unit (residual block) it lies in, as in find_blocks
+    kind: WidthKind  # "mlp" (hidden units) or "heads" (attention heads)
+    size: int  # hidden units H, or query heads
+    modules: tuple[str, ...]  # producer projections, then the consumer projection
+    droppable: bool = True
+    reason: str | None = None  # why it cannot be cut
+    parts: int = 0  # what a cut samples: hidden units, or key/value heads (with their query heads)
+    # Rows (producers) or columns (consumer) of each module that one part spans, in module order.
+    part_widths: tuple[int, ...] = ()
+    params: int = 0  # parameters in the group's projections
+    flops_share: float | None = None  # share of the model's forward FLOPs that scales with the cut
+
+    @property
+    def name(self) -> str:
+        return f"{self.unit}:{self.kind}"
+
+    @property
+    def producers(self) -> tuple[str, ...]:
+        return self.modules[:-1]
+
+    @property
+    def consumer(self) -> str:
+        return self.modules[-1]
+
+
+@dataclass(frozen=True)
+class Projection:
+    """A module that maps one feature dimension to another: ``nn.Linear`` or ``Conv1D``."""
+
+    name: str
+    in_features: int
+    out_features: int
+    transposed: bool  # weight stored as [in, out] (Hugging Face Conv1D)
+
+
+def projection_of(name: str, module: nn.Module) -> Projection | None:
+    if isinstance(module, nn.Linear):
+        return Projection(name, module.in_features, module.out_features, False)
+    weight = getattr(module, "weight", None)
+    if type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return Projection(name, weight.shape[0], weight.shape[1], True)
+    return None
+
+
+def find_width_groups(model: nn.Module, example_inputs: Any = None, **tracer_options: Any) -> list[WidthGroup]:
+    """Find the MLP and attention-head groups of ``model`` that width-wise RaPTr can cut.
+
+    Args:
+        model: any ``nn.Module``; it is not changed.
+        example_inputs: a tensor, a tuple of positional args or a dict of keyword args. Needed
+            for attention heads (their count is read from shapes), for the proof that a cut
+            keeps every unit's output shape, and for FLOPs shares.
+        **tracer_options: passed to tracing, as in :func:`find_blocks`.
+
+    Returns:
+        Every group found, cuttable or not (``WidthGroup.reason`` says why not), in unit order.
+
+    Example:
+        >>> groups = raptr_fx.find_width_groups(model, {"input_ids": torch.zeros(1, 16, dtype=torch.long)})
+    """
+    discovery = discover(model, example_inputs, **tracer_options)
+    return width_groups(model, discovery, discovery_inputs(model, example_inputs))
+
+
+def discovery_inputs(model: nn.Module, example_inputs: Any) -> ExampleInputs | None:
+    from .discovery import _on_model_device
+    from .tracing import normalize_example_inputs
+    return _on_model_device(model, normalize_example_inputs(example_inputs))
+
+
+def width_groups(model: nn.Module, discovery: Discovery, inputs: ExampleInputs | None) -> list[WidthGroup]:
+    """The width groups inside the units of ``discovery`` (see :func:`find_width_groups`)."""
+    traced = discovery.traced
+    if inputs is not None and not _has_shapes(traced):
+        _propagate_shapes(model, traced, inputs)
+    finder = _Finder(model, discovery)
+    groups = [g for block in discovery.blocks if block.name in finder.grouping.regions
+              for g in finder.unit_groups(block.name)]
+    if inputs is None:
+        return [g if g.kind == "mlp" or not g.droppable else
+                replace(g, droppable=False, reason="pass example inputs to count its heads") for g in groups]
+    measured = probe(model, inputs)
+    groups = _with_flops(groups, measured)
+    return prove(model, inputs, groups, measured)
+
+
+# -- shapes -------------------------------------------------------------------------------------
+def _has_shapes(traced: Any) -> bool:
+    return any(isinstance(n.meta.get("val"), torch.Tensor) for n in traced.graph.nodes)
+
+
+def _propagate_shapes(model: nn.Module, traced: Any, inputs: ExampleInputs) -> None:
+    """torch.fx graphs carry no shapes: run the graph once on fake tensors to fill ``meta["val"]``."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    args, kwargs = inputs
+    placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
+    values = list(args) + [kwargs[n.target] for n in placeholders[len(args):] if n.target in kwargs]
+    if len(values) != len(placeholders):
+        return  # defaults or concrete args we cannot line up: leave the graph without shapes
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fakes = [mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for v in values]
+    try:
+        with torch.no_grad():
+            FakeTensorProp(fx.GraphModule(model, traced.graph), mode).propagate(*fakes)
+    except Exception:  # the probe reports what the model rejects; shapes are a best effort
+        return
+
+
+def _shape(node: fx.Node) -> tuple[int, ...] | None:
+    val = node.meta.get("val")
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+# -- the graph walks ------------------------------------------------------------------------------
+class _Finder:
+    def __init__(self, model: nn.Module, discovery: Discovery):
+        self.model = model
+        self.traced = discovery.traced
+        graph = _dataflow(discovery)
+        self.grouping = _Grouping(model, discovery.traced, graph, discovery.residuals, None)
+        self.graph = graph
+        modules = dict(model.named_modules())
+        self.projections = {name: p for name, m in modules.items()
+                            if (p := projection_of(name, m)) is not None and name in self.grouping.regions}
+        self.output_of: dict[fx.Node, str] = {}  # a projection's output node -> its name
+        for name in self.projections:
+            outputs = self.grouping.outputs(name)
+            if len(outputs) == 1:
+                self.output_of[outputs[0]] = name
+        self.calls = discovery.traced.call_counts
+        self.modules = modules
+
+    def projection_inputs(self, name: str) -> list[fx.Node]:
+        return self.grouping.inputs(name)
+
+    def unit_groups(self, unit: str) -> list[WidthGroup]:
+        region = self.grouping.regions[unit]
+        inside = [p for p in self.projections.values() if p.name.startswith(unit + ".")]
+        groups = self.head_groups(unit, region) + self.mlp_groups(unit, region, inside)
+        groups += self.expert_refusals(unit, groups)
+        order = {n: i for i, n in enumerate(self.traced.graph.nodes)}
+        first = {p: min((order[n] for n in self.grouping.regions.get(p, ())), default=0) for p in self.projections}
+        groups.sort(key=lambda g: first.get(g.consumer, 0))
+        return self.without_overlaps(groups)
+
+    # -- MLP ------------------------------------------------------------------------------------
+    def mlp_groups(self, unit: str, region: set[fx.Node], inside: list[Projection]) -> list[WidthGroup]:
+        groups = []
+        for consumer in inside:
+            inputs = self.projection_inputs(consumer.name)
+            if len(inputs) != 1:
+                continue
+            found = self.hidden_path(inputs[0], region, consumer.name)
+            if found is None:
+                continue  # not an MLP consumer (attention output, first projection of the unit)
+            producers, problem = found
+            modules = (*sorted(producers, key=lambda n: self.first_node(n)), consumer.name)
+            hidden = consumer.in_features
+            group = WidthGroup(unit, "mlp", hidden, modules, parts=hidden, part_widths=(1,) * len(modules),
+                               params=self.params(modules))
+            problem = problem or self.mlp_problem(producers, consumer)
+            groups.append(group if problem is None else replace(group, droppable=False, reason=problem))
+        return groups
+
+    def hidden_path(self, start: fx.Node, region: set[fx.Node], consumer: str) -> tuple[set[str], str | None] | None:
+        """Walk back from a consumer's input through elementwise ops to the producer projections.
+
+        None when the walk meets no producer at all or a non-elementwise op first (this projection
+        is not an MLP consumer); else the producers and, if any, why the path cannot be cut.
+        """
+        producers: set[str] = set()
+        path: set[fx.Node] = set()
+        stack = [start]
+        problem = None
+        while stack:
+            node = stack.pop()
+            if node in path:
+                continue
+            if node in self.output_of and node in region:
+                producers.add(self.output_of[node])
+                continue
+            if node not in region or not self.elementwise(node):
+                return None
+            path.add(node)
+            wide = [p for p in self.traced.param_uses.get(node, ()) if self.model.get_parameter(p).numel() > 1]
+            if wide and problem is None:
+                problem = f"the hidden units pass through a parameter of their own ({wide[0]}), which a cut would need to narrow too"
+            stack.extend(self.tensor_inputs(node))
+        if not producers:
+            return None
+        # Nothing else may read the hidden activations: they would see a narrowed tensor.
+        if problem is None:
+            allowed = path | {n for p in (*producers, consumer) for n in self.grouping.regions[p]}
+            readers = sorted({user.name for node in allowed - self.grouping.regions[consumer]
+                              for user in self.graph.successors(node) if user not in allowed})
+            if readers:
+                problem = f"the hidden units are also read outside the MLP (by {readers[0]})"
+        return producers, problem
+
+    def tensor_inputs(self, node: fx.Node) -> list[fx.Node]:
+        """The inputs of ``node`` that carry tensor data: tensors, or tuples of them (``split``)."""
+        return [a for a in node.all_input_nodes if not is_shape_query(a) and (
+            self.traced.is_value(a) or (a.op != "get_attr" and isinstance(a.meta.get("val"), (tuple, list))))]
+
+    def elementwise(self, node: fx.Node) -> bool:
+        if node.op == "call_module":
+            return isinstance(self.modules.get(str(node.target)), _ELEMENTWISE_MODULES)
+        if node.op not in ("call_function", "call_method"):
+            return False
+        if node.target is operator.getitem:  # element 0 of native_dropout's (output, mask)
+            source = node.args[0]
+            return isinstance(source, fx.Node) and _op_name(source) == "native_dropout" and node.args[1] == 0
+        return _op_name(node) in _ELEMENTWISE
+
+    def mlp_problem(self, producers: set[str], consumer: Projection) -> str | None:
+        for name in sorted(producers):
+            producer = self.projections[name]
+            if producer.out_features != consumer.in_features:
+                return (f"{name} makes {producer.out_features} features but {consumer.name} reads "
+                        f"{consumer.in_features}: not one hidden layer")
+        return self.call_problem((*producers, consumer.name))
+
+    def call_problem(self, modules: Iterable[str]) -> str | None:
+        for name in modules:
+            if self.calls.get(name, 1) > 1:
+                return f"{name} runs {self.calls[name]} times per forward (shared weights)"
+        return None
+
+    # -- attention heads ----------------------------------------------------------------------------
+    def head_groups(self, unit: str, region: set[fx.Node]) -> list[WidthGroup]:
+        groups = []
+        for node in self.traced.graph.nodes:
+            if node not in region:
+                continue
+            core = self.attention_core(node)
+            if core is not None:
+                groups.append(self.head_group(unit, region, *core))
+        return [g for g in groups if g is not None]
+
+    def attention_core(self, node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, fx.Node, str] | None:
+        """(query, key, value, output, op) of an attention op, or None."""
+        name = _op_name(node)
+        if name in _ATTENTION_OPS and len(node.args) >= 3 and all(isinstance(a, fx.Node) for a in node.args[:3]):
+            out = node
+            if not isinstance(node.meta.get("val"), torch.Tensor) and node.meta.get("val") is not None:
+                out = next((u for u in node.users if u.target is operator.getitem and u.args[1] == 0), node)
+            return node.args[0], node.args[1], node.args[2], out, name
+        if name not in _SOFTMAX or not node.args or not isinstance(node.args[0], fx.Node):
+            return None
+        scores = self.walk_to(node.args[0], _MATMULS, backwards=True)
+        weighted = self.walk_to(node, _MATMULS, backwards=False)
+        if scores is None or weighted is None or len(scores.args) < 2 or len(weighted.args) < 2:
+            return None
+        if not all(isinstance(a, fx.Node) for a in (*scores.args[:2], weighted.args[1])):
+            return None
+        return scores.args[0], scores.args[1], weighted.args[1], weighted, name
+
+    def walk_to(self, node: fx.Node, ops: set[str], *, backwards: bool, limit: int = 8) -> fx.Node | None:
+        """The nearest op in ``ops`` along a chain of single-tensor steps (mask adds, scaling, dropout)."""
+        for _ in range(limit):
+            if node is None:
+                return None
+            if _op_name(node) in ops:
+                return node
+            if backwards:
+                values = [a for a in node.all_input_nodes if self.traced.is_value(a) and _shape(a) == _shape(node)]
+                node = values[0] if values else None
+            else:
+                users = [u for u in node.users if not is_shape_query(u)]
+                node = users[0] if len(users) == 1 else None
+        return None
+
+    def nearest_projections(self, node: fx.Node, region: set[fx.Node], *, backwards: bool) -> set[str]:
+        found: set[str] = set()
+        seen: set[fx.Node] = set()
+        stack = [node]
+        while stack:
+            current = stack.pop()
+            if current in seen or current not in region:
+                continue
+            seen.add(current)
+            if backwards and current in self.output_of:
+                found.add(self.output_of[current])
+                continue
+            if not backwards:
+                hit = next((p for p in self.projections if current in self.projection_inputs_cached(p)), None)
+                if hit is not None and current is not node:
+                    found.add(hit)
+                    continue
+                stack.extend(u for u in self.graph.successors(current))
+            else:
+                stack.extend(self.tensor_inputs(current))
+        return found
+
+    def projection_inputs_cached(self, name: str) -> set[fx.Node]:
+        cache = self.__dict__.setdefault("_inputs", {})
+        if name not in cache:
+            cache[name] = set(self.grouping.regions[name])
+        return cache[name]
+
+    def head_group(self, unit: str, region: set[fx.Node], query: fx.Node, key: fx.Node, value: fx.Node,
+                   out: fx.Node, op: str) -> WidthGroup | None:
+        sources = [self.nearest_projections(n, region, backwards=True) for n in (query, key, value)]
+        consumers = self.nearest_projections(out, region, backwards=False)
+        named = sorted(set().union(*sources) | consumers, key=self.first_node)
+        group = WidthGroup(unit, "heads", 0, tuple(named), params=self.params(named))
+
+        def refuse(reason: str) -> WidthGroup:
+            return replace(group, droppable=False, reason=reason)
+
+        if any(len(s) != 1 for s in sources):
+            which = [n for n, s in zip(("query", "key", "value"), sources) if len(s) != 1]
+            return refuse(f"the attention's {which[0]} is not the output of one projection in {unit}")
+        q, k, v = (next(iter(s)) for s in sources)
+        if len({q, k, v}) < 3:
+            return refuse(f"query, key and value are split from one fused projection ({q}): a subset of heads "
+                          "would need rows from each of its segments, and the split sizes are fixed in the code")
+        if len(consumers) != 1:
+            return refuse(f"the attention output feeds {len(consumers)} projections in {unit}, not one")
+        o = next(iter(consumers))
+        group = replace(group, modules=(q, k, v, o))
+        q_shape, k_shape = _shape(query), _shape(key)
+        if q_shape is None or k_shape is None:
+            return refuse("pass example inputs to count its heads")
+        if len(q_shape) != 4:
+            return refuse(f"the query reaching {op} is shaped {list(q_shape)}, not [batch, heads, tokens, "
+                          "head_dim]: no head dimension to cut")
+        heads, head_dim = q_shape[1], q_shape[3]
+        pq, pk, pv, po = (self.projections[n] for n in (q, k, v, o))
+        if pq.out_features != heads * head_dim or pk.out_features % head_dim:
+            return refuse(f"{q} makes {pq.out_features} features, not {heads} heads of {head_dim}")
+        kv_heads = pk.out_features // head_dim
+        if kv_heads == 0 or heads % kv_heads or pv.out_features % kv_heads:
+            return refuse(f"{heads} query heads cannot be grouped over {kv_heads} key/value heads")
+        value_dim = pv.out_features // kv_heads
+        per_group = heads // kv_heads
+        if po.in_features != heads * value_dim:
+            return refuse(f"{o} reads {po.in_features} features, not {heads} heads of {value_dim}")
+        group = replace(group, size=heads, parts=kv_heads,
+                        part_widths=(per_group * head_dim, head_dim, value_dim, per_group * value_dim))
+        if kv_heads < 2:
+            return refuse("it has one key/value head: a cut would keep all heads or none")
+        problem = self.call_problem(group.modules)
+        return group if problem is None else refuse(problem)
+
+    # -- the rest -------------------------------------------------------------------------------
+    def expert_refusals(self, unit: str, groups: list[WidthGroup]) -> list[WidthGroup]:
+        """Weights a cut cannot narrow: experts stored as one 3-D parameter ([experts, out, in]) and
+        ``nn.MultiheadAttention``'s packed ``in_proj_weight``; no group, so say why."""
+        covered = {m for g in groups for m in g.modules}
+        found = []
+        for name, module in self.modules.items():
+            if not name.startswith(unit + ".") or any(name.startswith(c) for c in covered):
+                continue
+            if isinstance(module, nn.MultiheadAttention):
+                found.append(WidthGroup(unit, "heads", module.num_heads, (name,), droppable=False,
+                                        params=self.params([name]),
+                                        reason="nn.MultiheadAttention packs query, key and value into one "
+                                        "in_proj_weight and runs as one op: its heads cannot be cut"))
+                continue
+            stacked = [n for n, p in module.named_parameters(recurse=False) if p.dim() == 3]
+            if stacked:
+                found.append(WidthGroup(unit, "mlp", 0, (name,), droppable=False, params=self.params([name]),
+                                        reason=f"its experts keep their weights in one 3-D parameter "
+                                        f"({name}.{stacked[0]}): cutting expert hidden units is not supported"))
+        return found
+
+    def without_overlaps(self, groups: list[WidthGroup]) -> list[WidthGroup]:
+        """A projection cut by two groups would need both cuts at once: the later group is refused."""
+        owner: dict[str, str] = {}
+        result = []
+        for group in groups:
+            if group.droppable:
+                shared = next((m for m in group.modules if m in owner), None)
+                if shared is not None:
+                    group = replace(group, droppable=False,
+                                    reason=f"{shared} is also a projection of the {owner[shared]} group")
+                else:
+                    owner.update({m: group.name for m in group.modules})
+            result.append(group)
+        return result
+
+    def first_node(self, name: str) -> int:
+        cache = self.__dict__.setdefault("_order", {n: i for i, n in enumerate(self.traced.graph.nodes)})
+        return min((cache[n] for n in self.grouping.regions.get(name, ())), default=0)
+
+    def params(self, modules: Iterable[str]) -> int:
+        return sum(p.numel() for m in modules for p in self.modules[m].parameters())
+
+
+def _dataflow(discovery: Discovery) -> nx.DiGraph:
+    from .residuals import dataflow_graph
+    return dataflow_graph(discovery.traced)
+
+
+# -- FLOPs and the proof --------------------------------------------------------------------------
+def _with_flops(groups: list[WidthGroup], measured: Probe) -> list[WidthGroup]:
+    if not measured.total_flops:
+        return groups
+    result = []
+    for group in groups:
+        modules = list(group.modules)
+        if group.kind == "heads" and group.droppable:
+            # The attention op's own FLOPs shrink with the heads too: count the module holding the projections.
+            common = _common_parent(group.producers)
+            modules = [common, *[m for m in modules if not m.startswith(common + ".")]] if common else modules
+        flops = sum(measured.flops.get(m, 0) for m in modules)
+        result.append(replace(group, flops_share=flops / measured.total_flops))
+    return result
+
+
+def _common_parent(names: Iterable[str]) -> str | None:
+    parents = {n.rpartition(".")[0] for n in names}
+    return parents.pop() if len(parents) == 1 else None
+
+
+def unit_outputs(measured: Probe, units: Iterable[str]) -> dict[str, Any]:
+    """Each unit's output shape(s), as the probe saw them."""
+    shapes = {}
+    for unit in units:
+        call = measured.calls.get(unit)
+        if call is not None:
+            shapes[unit] = (call.output_shape, [leaf.shape for leaf in call.output.leaves])
+    return shapes
+
+
+def prove(model: nn.Module, inputs: ExampleInputs, groups: list[WidthGroup], measured: Probe) -> list[WidthGroup]:
+    """Run the model on fake tensors with the groups cut; refuse each group whose cut fails or
+    changes a unit's output shape. All groups are tried at once first, then one by one."""
+    from .cutting import trial_cuts
+
+    candidates = [g for g in groups if g.droppable]
+    if not candidates:
+        return groups
+    units = {g.unit for g in candidates}
+    expected = unit_outputs(measured, units)
+
+    def failure(trial: list[WidthGroup]) -> str | None:
+        try:
+            with trial_cuts(model, trial):
+                seen = probe(model, inputs)
+        except Exception as exc:  # noqa: BLE001 - any error is the model refusing the cut
+            exc = exc.__cause__ or exc  # the probe wraps the model's own error
+            text = str(exc).strip().splitlines()
+            return f"{type(exc).__name__}: {text[0] if text else ''}"
+        changed = [u for u in {g.unit for g in trial} if unit_outputs(seen, [u]).get(u) != expected.get(u)]
+        return f"the cut changes the output shape of {changed[0]}" if changed else None
+
+    if failure(candidates) is None:
+        return groups
+    refused = {}
+    for group in candidates:
+        problem = failure([group])
+        if problem is not None:
+            refused[group.name] = problem
+    return [replace(g, droppable=False, reason="the model fails with this group cut, so its code fixes the "
+                    f"width somewhere (a reshape or split to a constant size): {refused[g.name]}")
+            if g.name in refused else g for g in groups]
