@@ -10,6 +10,8 @@ The model is built from a config (no download). ``RaPTrCallback`` transforms it 
 forward (transformers models are traced with ``torch.export``, the first batch serves as example
 inputs; with ``--compile`` an example batch is passed instead), steps once per optimizer step
 whatever the gradient accumulation, stores its state in each checkpoint and logs ``raptr/*``.
+Under ``torchrun`` keep ``ddp_find_unused_parameters=False``: the Trainer would otherwise turn
+DDP's unused-parameter search on, which RaPTr does not need (skipped units get zero gradients).
 """
 
 from __future__ import annotations
@@ -78,7 +80,8 @@ def main() -> None:
         gradient_accumulation_steps=args.accumulate, learning_rate=args.lr, warmup_steps=max(1, args.steps // 20),
         logging_steps=max(1, args.steps // 8), save_steps=max(1, args.steps // 2), save_total_limit=2,
         report_to=[], disable_tqdm=True, use_cpu=args.device == "cpu", bf16=args.dtype == "bfloat16",
-        torch_compile=args.compile, dataloader_num_workers=0, seed=0)
+        torch_compile=args.compile, dataloader_num_workers=0, seed=0,
+        ddp_find_unused_parameters=False)  # under torchrun: RaPTr needs no unused-parameter search
     trainer = transformers.Trainer(model=model, args=training, train_dataset=data, callbacks=[raptr])
     result = trainer.train(resume_from_checkpoint=True if args.resume else None)
 

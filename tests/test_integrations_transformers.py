@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import raptr_fx
-from raptr_fx import RaPTr
+from raptr_fx import RaPTr, Schedule
 from raptr_fx.errors import RaptrWarning
 from tests.distributed import run_ranks
 from tests.fixtures.models import GPT
@@ -185,6 +185,28 @@ def test_resume_from_a_checkpoint_outside_output_dir(tmp_path):
     assert len({full[t] for t in resumed}) > 1
 
 
+class HalfThenAll(Schedule):
+    """A Schedule subclass the callbacks know nothing about (as a width-wise one would be)."""
+
+    def stage_bounds(self):
+        return [(0, STEPS // 2), (STEPS // 2, STEPS)]
+
+    def stage_index(self, step):
+        return int(step >= STEPS // 2)
+
+    def keep_probabilities(self, step, num_units):
+        return [0.5 if step < STEPS // 2 else 1.0] * num_units
+
+
+def test_any_schedule_subclass(tmp_path):
+    callback = RaPTrCallback(HalfThenAll(), seed=2)  # no total_steps: the schedule knows its length
+    trainer, seen, _ = train(LM(), callback, tmp_path, save_steps=100)
+    assert isinstance(callback.controller.schedule, HalfThenAll)
+    ran = by_step(seen)
+    assert any(not all(ran[t]) for t in range(STEPS // 2)) and all(all(ran[t]) for t in range(STEPS // 2, STEPS))
+    assert [h["raptr/stage"] for h in trainer.state.log_history if "loss" in h] == [0, 0, 0, 1, 1, 1]
+
+
 def test_existing_controller_plain_model(tmp_path):
     model = LM()
     ctl = raptr_fx.transform(model, RaPTr("3-3-4", total_steps=STEPS))
@@ -245,21 +267,33 @@ def _ddp_worker(rank: int, out_dir: str) -> dict:
     transformers.logging.set_verbosity_error()
     options = dict(output_dir=out_dir, max_steps=STEPS, per_device_train_batch_size=2, use_cpu=True, report_to=[],
                    save_strategy="no", disable_tqdm=True, learning_rate=1e-3, seed=0)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", RaptrWarning)
-        default = transformers.Trainer(model=LM(), args=transformers.TrainingArguments(**options),
-                                       train_dataset=dataset(), callbacks=[RaPTrCallback("3-3-4")])
-    warned = [str(w.message) for w in caught if issubclass(w.category, RaptrWarning)]
-    model = LM()
+    # Does the callback warn exactly when the Trainer will pass find_unused_parameters=True to DDP?
+    # (It cannot change the option: the Trainer fixes it before the first callback event.)
+    warned_and_found = []
+    for make_model, overrides in [(LM, {}), (llama, {"activation_checkpointing": True}),
+                                  (LM, {"ddp_find_unused_parameters": False})]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RaptrWarning)
+            args = transformers.TrainingArguments(**options, **overrides)
+            built = transformers.Trainer(model=make_model(), args=args, train_dataset=dataset(),
+                                         callbacks=[RaPTrCallback("3-3-4")])
+        warned = [str(w.message) for w in caught if issubclass(w.category, RaptrWarning)]
+        assert all("ddp_find_unused_parameters=False" in w for w in warned), warned
+        warned_and_found.append((len(warned), built.accelerator.ddp_handler.find_unused_parameters))
+    model = llama()  # transformed at its first forward, inside DDP's
     callback = RaPTrCallback("3-3-4", seed=3)
     decisions: list[list[bool]] = []
-    model.register_forward_hook(lambda *_: decisions.append(callback.controller.active))
+
+    def record(*_):
+        if callback.controller is not None:  # None while transform probes the model
+            decisions.append(callback.controller.active)
+
+    model.register_forward_hook(record)
     trainer = transformers.Trainer(model=model, train_dataset=dataset(), callbacks=[callback],
                                    args=transformers.TrainingArguments(**options, ddp_find_unused_parameters=False))
     trainer.train()
-    return {"warned": warned, "default_finds_unused": default.accelerator.ddp_handler.find_unused_parameters,
-            "find_unused": trainer.model_wrapped.find_unused_parameters, "decisions": decisions,
-            "steps": callback.controller.step_count,
+    return {"warned_and_found": warned_and_found, "find_unused": trainer.model_wrapped.find_unused_parameters,
+            "decisions": decisions, "steps": callback.controller.step_count,
             "checksum": [float(p.detach().double().sum()) for p in model.parameters()]}
 
 
@@ -267,9 +301,9 @@ def _ddp_worker(rank: int, out_dir: str) -> dict:
 def test_ddp_two_ranks_decide_alike_without_find_unused_parameters(tmp_path):
     ranks = run_ranks(_ddp_worker, tmp_path)
     for rank in ranks:
-        # the Trainer's default, which the callback cannot change (it is fixed before any event): a warning
-        assert rank["default_finds_unused"] is True
-        assert len(rank["warned"]) == 1 and "ddp_find_unused_parameters=False" in rank["warned"][0]
+        # default: the Trainer searches for unused parameters and the callback warns; with activation
+        # checkpointing or the option set to False, it does not and the callback is silent
+        assert rank["warned_and_found"] == [[1, True], [0, False], [0, False]]
         assert rank["find_unused"] is False and rank["steps"] == STEPS and len(rank["decisions"]) == STEPS
     assert ranks[0]["decisions"] == ranks[1]["decisions"]
     assert any(not all(d) for d in ranks[0]["decisions"]), "some steps must drop units"
