@@ -1,0 +1,310 @@
+"""Width-wise RaPTr: groups found, cuts that really shrink the compute, frozen parts, resume, DDP."""
+
+import copy
+
+import pytest
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.flop_counter import FlopCounterMode
+
+import raptr_fx
+from raptr_fx import RaPTr, RaptrError, Stage, WidthRaPTr, find_width_groups, transform
+from tests.distributed import run_ranks
+from tests.fixtures.models import GPT, ResNet, ViT, images, tokens
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+
+VOCAB = 64
+
+
+def llama(heads: int = 4, kv_heads: int = 2, layers: int = 2):
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
+                                      num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=4,
+                                      max_position_embeddings=32, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config)
+
+
+def hf_inputs():
+    return {"input_ids": torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))}
+
+
+def by_name(groups):
+    return {g.name: g for g in groups}
+
+
+# -- groups found --------------------------------------------------------------------------------
+def test_nanogpt_mlp_found_and_fused_heads_refused_with_the_op():
+    groups = by_name(find_width_groups(GPT(n_layer=2), tokens()))
+    mlp = groups["transformer.h.0:mlp"]
+    assert mlp.droppable and mlp.size == 64 and mlp.parts == 64
+    assert mlp.modules == ("transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj")
+    heads = groups["transformer.h.0:heads"]
+    assert not heads.droppable and "fused projection (transformer.h.0.attn.c_attn)" in heads.reason
+    assert [g.unit for g in groups.values()] == ["transformer.h.0"] * 2 + ["transformer.h.1"] * 2
+
+
+def test_llama_gated_mlp_and_grouped_query_heads():
+    groups = by_name(find_width_groups(llama(), hf_inputs()))
+    mlp = groups["model.layers.0:mlp"]
+    assert mlp.droppable and mlp.size == 32
+    assert mlp.modules == tuple(f"model.layers.0.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj"))
+    heads = groups["model.layers.0:heads"]
+    assert heads.droppable and heads.size == 4 and heads.parts == 2  # 2 key/value heads, 2 query heads each
+    assert heads.part_widths == (8, 4, 4, 8)
+    assert heads.modules == tuple(f"model.layers.0.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    assert 0 < heads.flops_share < 1 and 0 < mlp.flops_share < 1
+
+
+def test_one_key_value_head_is_refused():
+    heads = by_name(find_width_groups(llama(heads=2, kv_heads=1), hf_inputs()))["model.layers.0:heads"]
+    assert not heads.droppable and "one key/value head" in heads.reason
+
+
+def test_gpt2_conv1d_mlp_bert_across_modules_t5_heads_refused():
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2,
+                                                                n_positions=32))
+    groups = by_name(find_width_groups(gpt2, hf_inputs()))
+    assert groups["transformer.h.0:mlp"].droppable and groups["transformer.h.0:mlp"].size == 64
+    assert "fused projection (transformer.h.0.attn.c_attn)" in groups["transformer.h.0:heads"].reason
+
+    bert = transformers.BertModel(transformers.BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2,
+                                                          num_attention_heads=2, intermediate_size=32))
+    groups = by_name(find_width_groups(bert, hf_inputs()))
+    assert groups["encoder.layer.0:mlp"].modules == ("encoder.layer.0.intermediate.dense",
+                                                     "encoder.layer.0.output.dense")
+    assert groups["encoder.layer.0:heads"].droppable and groups["encoder.layer.0:heads"].parts == 2
+
+    t5 = transformers.T5Model(transformers.T5Config(vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=32, num_layers=2,
+                                                    num_heads=2, decoder_start_token_id=0))
+    ids = hf_inputs()["input_ids"]
+    groups = find_width_groups(t5, {"input_ids": ids, "decoder_input_ids": ids})
+    mlps = [g for g in groups if g.kind == "mlp"]
+    assert [g.modules[-1] for g in mlps][:2] == ["encoder.block.0.layer.1.DenseReluDense.wo",
+                                                "encoder.block.1.layer.1.DenseReluDense.wo"]
+    assert all(g.droppable for g in mlps)
+    heads = [g for g in groups if g.kind == "heads"]
+    assert heads and not any(g.droppable for g in heads)
+    assert all("fails with this group cut" in g.reason for g in heads)
+
+
+def test_vit_multihead_attention_refused_and_mlp_in_sequential_found():
+    groups = by_name(find_width_groups(ViT(), images()))
+    assert groups["blocks.0:mlp"].droppable and groups["blocks.0:mlp"].modules == ("blocks.0.mlp.0", "blocks.0.mlp.2")
+    assert "nn.MultiheadAttention" in groups["blocks.0:heads"].reason
+
+
+def test_without_inputs_mlp_groups_are_found_heads_need_inputs():
+    groups = by_name(find_width_groups(GPT(n_layer=1)))
+    assert groups["transformer.h.0:mlp"].droppable and groups["transformer.h.0:mlp"].flops_share is None
+
+
+# -- the cut ---------------------------------------------------------------------------------------
+def _flops(model, inputs) -> dict[str, int]:
+    with FlopCounterMode(display=False) as counter:
+        model(**inputs).logits.sum().backward()
+    return {k: sum(v.values()) for k, v in counter.get_flop_counts().items()}
+
+
+def test_half_width_halves_the_groups_flops():
+    model = llama()
+    ctl = transform(model, WidthRaPTr("0.5-1", total_steps=4), example_inputs=hf_inputs())
+    assert set(ctl.kept_parts.values()) == {16, 1}  # half of 32 hidden units, 1 of 2 key/value heads
+    cut = _flops(model, hf_inputs())
+    ctl.remove()
+    full = _flops(model, hf_inputs())
+    for module in ("mlp", "self_attn"):
+        key = f"LlamaForCausalLM.model.layers.0.{module}"
+        assert cut[key] == pytest.approx(full[key] / 2, rel=0.02), module
+
+
+def test_cut_heads_compute_the_smaller_attention():
+    """Keeping key/value head 1 (query heads 2 and 3) equals a model built with those heads only."""
+    model = llama(layers=1)
+    ctl = transform(model, WidthRaPTr([Stage(2, width=0.5), Stage(2, width=1.0)], width_kinds=("heads",)),
+                    example_inputs=hf_inputs())
+    kept = ctl._cuts.kept[0]
+    small = llama(heads=2, kv_heads=1, layers=1)
+    with torch.no_grad():
+        for name, p in small.named_parameters():
+            full = model.get_parameter(name)
+            if p.shape == full.shape:
+                p.copy_(full)
+        attn, src = small.model.layers[0].self_attn, model.model.layers[0].self_attn
+        q_rows = torch.cat([torch.arange(8) + 8 * g for g in kept])
+        kv_rows = torch.cat([torch.arange(4) + 4 * g for g in kept])
+        attn.q_proj.weight.copy_(src.q_proj.weight[q_rows])
+        attn.k_proj.weight.copy_(src.k_proj.weight[kv_rows])
+        attn.v_proj.weight.copy_(src.v_proj.weight[kv_rows])
+        attn.o_proj.weight.copy_(src.o_proj.weight[:, q_rows])
+    model.train(), small.train()
+    torch.testing.assert_close(model(**hf_inputs()).logits, small(**hf_inputs()).logits)
+
+
+def test_inverse_scaling_scales_the_consumer_before_its_bias():
+    torch.manual_seed(0)
+    model = GPT(n_layer=1)
+    mlp = copy.deepcopy(model.transformer.h[0].mlp)
+    ctl = transform(model, WidthRaPTr("0.25-1", total_steps=2, width_scaling="inverse"), example_inputs=tokens())
+    kept = ctl._cuts.kept[0]
+    x = torch.randn(2, 8, 16)
+    expected = (torch.nn.functional.gelu(x @ mlp.c_fc.weight[kept].T + mlp.c_fc.bias[kept])
+                @ mlp.c_proj.weight[:, kept].T) * 4 + mlp.c_proj.bias
+    torch.testing.assert_close(model.transformer.h[0].mlp(x), expected)
+
+
+def test_eval_and_full_width_are_bitwise_the_untransformed_model():
+    model = llama()
+    reference = copy.deepcopy(model)
+    ctl = transform(model, WidthRaPTr("0.5-1", total_steps=2), example_inputs=hf_inputs())
+    model.eval(), reference.eval()
+    assert torch.equal(model(**hf_inputs()).logits, reference(**hf_inputs()).logits)
+    ctl.step()  # stage 2: full width
+    model.train(), reference.train()
+    assert torch.equal(model(**hf_inputs()).logits, reference(**hf_inputs()).logits)
+    assert list(model.state_dict()) == list(reference.state_dict())
+    ctl.remove()
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_parts_not_kept_are_bitwise_unchanged_after_adamw():
+    model = llama()
+    ctl = transform(model, WidthRaPTr("0.5-0.75-1", total_steps=6), example_inputs=hf_inputs())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    ctl.attach(optimizer)
+    mlp = model.model.layers[0].mlp
+    for _ in range(4):
+        kept = ctl._cuts.kept[1]  # layer 0's MLP (groups are in unit order: heads, mlp)
+        assert ctl.width_groups[1].name == "model.layers.0:mlp"
+        dropped = sorted(set(range(32)) - set(kept))
+        state = lambda: [t.clone() for t in optimizer.state[mlp.up_proj.weight].values()
+                         if torch.is_tensor(t) and t.dim() == 2] if optimizer.state else []
+        before = [mlp.gate_proj.weight[dropped].clone(), mlp.up_proj.weight[dropped].clone(),
+                  mlp.down_proj.weight[:, dropped].clone()]
+        kept_before = mlp.up_proj.weight[kept].clone()
+        moments = state()
+        model(**hf_inputs()).logits.pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        after = [mlp.gate_proj.weight[dropped], mlp.up_proj.weight[dropped], mlp.down_proj.weight[:, dropped]]
+        assert all(torch.equal(a, b) for a, b in zip(before, after))
+        for old, new in zip(moments, state()):
+            assert torch.equal(old[dropped], new[dropped])
+        assert not torch.equal(kept_before, mlp.up_proj.weight[kept])  # the kept parts did train
+
+
+def test_without_freezing_parts_not_kept_would_move():
+    """The control for the test above: AdamW's weight decay moves zero-gradient rows."""
+    model = llama()
+    ctl = transform(model, WidthRaPTr("0.5-1", total_steps=4), example_inputs=hf_inputs())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    ctl.attach(optimizer, freeze_dropped=False)
+    dropped = sorted(set(range(32)) - set(ctl._cuts.kept[1]))
+    before = model.model.layers[0].mlp.up_proj.weight[dropped].clone()
+    model(**hf_inputs()).logits.pow(2).mean().backward()
+    optimizer.step()
+    assert not torch.equal(before, model.model.layers[0].mlp.up_proj.weight[dropped])
+
+
+# -- schedules, controller ---------------------------------------------------------------------------
+def test_resume_replays_identical_width_decisions():
+    def run(resume_at=None):
+        model = GPT(n_layer=2)
+        ctl = transform(model, RaPTr("1-2", total_steps=8, width="0.5-0.75", fixed_units=[0]), seed=3,
+                        example_inputs=tokens())
+        seen = []
+        for step in range(8):
+            if step == resume_at:
+                state = ctl.state_dict()
+                ctl.remove()
+                ctl = transform(model, RaPTr("1-2", total_steps=8, width="0.5-0.75", fixed_units=[0]),
+                                example_inputs=tokens())
+                ctl.load_state_dict(state)
+            seen.append((ctl.active, list(map(tuple, (k or () for k in ctl._cuts.kept)))))
+            ctl.step()
+        return seen
+
+    assert run() == run(resume_at=5)
+
+
+def test_adding_width_leaves_depth_decisions_as_they_were():
+    def decisions(schedule):
+        ctl = transform(GPT(n_layer=4), schedule, seed=5, example_inputs=tokens())
+        out = []
+        for _ in range(8):
+            out.append(ctl.active)
+            ctl.step()
+        return out
+
+    assert decisions(RaPTr("2-3-4", total_steps=8)) == decisions(RaPTr("2-3-4", total_steps=8, width="0.5-0.67-1"))
+
+
+def test_plan_counts_width_and_depth():
+    ctl = transform(GPT(n_layer=2), WidthRaPTr("0.5-1", total_steps=4), example_inputs=tokens())
+    rows = ctl.plan()
+    share = sum(g.flops_share for g in ctl.width_groups) / sum(b.flops_share for b in ctl.blocks)
+    assert rows[0].compute == pytest.approx(1 - 0.5 * share) and rows[1].compute == 1.0
+    assert rows[0].width == 0.5 and ctl.expected_compute == pytest.approx(1 - 0.25 * share)
+    assert not any(isinstance(b.forward, raptr_fx.gates.GatedForward) for b in GPT(n_layer=1).modules())
+
+
+def test_width_only_installs_no_depth_gate():
+    model = GPT(n_layer=2)
+    transform(model, WidthRaPTr("0.5-1", total_steps=4), example_inputs=tokens())
+    assert not any(isinstance(m.__dict__.get("forward"), raptr_fx.gates.GatedForward) for m in model.modules())
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(stages="0.5-0.4-1"), "width stages shrink"),
+    (dict(stages="0.5-x"), "keep fractions per stage"),
+    (dict(stages="0.5-1", width_kinds=("ffn",)), "width_kinds must name"),
+    (dict(stages="0.5-1", width_scaling="sqrt"), "width_scaling must be"),
+    (dict(stages="0.5-1", width="0.5-1"), "is for RaPTr"),
+])
+def test_bad_width_schedules(bad, message):
+    with pytest.raises(ValueError, match=message):
+        WidthRaPTr(total_steps=4, **bad)
+
+
+def test_width_stage_count_must_match():
+    with pytest.raises(ValueError, match="has 2 stages, the schedule has 3"):
+        RaPTr("2-3-4", total_steps=9, width="0.5-1")
+    with pytest.raises(ValueError, match="Stage.width must be in"):
+        Stage(3, width=1.5)
+
+
+def test_model_without_groups_gets_a_clear_error():
+    with pytest.raises(RaptrError, match="no cuttable group"):
+        transform(ResNet(), WidthRaPTr("0.5-1", total_steps=4), example_inputs=images())
+
+
+# -- DDP -----------------------------------------------------------------------------------------------
+def _ddp_worker(rank: int, out_dir: str) -> dict:
+    torch.manual_seed(0)
+    model = GPT(n_layer=3)
+    ctl = transform(model, RaPTr("2-3", total_steps=4, width="0.5-0.75"), seed=2, example_inputs=tokens())
+    ddp = DDP(model)  # no find_unused_parameters
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    ctl.attach(optimizer)
+    generator = torch.Generator().manual_seed(100 + rank)
+    decisions, frozen = [], []
+    for _ in range(4):
+        decisions.append([ctl.active, [k for k in ctl._cuts.kept]])
+        fc = [(i, model.transformer.h[i].mlp.c_fc.weight, k) for i, k in enumerate(ctl._cuts.kept) if k]
+        before = [(w.detach().clone(), sorted(set(range(64)) - set(k))) for _, w, k in fc]
+        idx = torch.randint(0, 64, (2, 8), generator=generator)
+        torch.nn.functional.cross_entropy(ddp(idx).flatten(0, 1), idx.flatten()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        frozen.append(all(torch.equal(b[d], w[d]) for (b, d), (_, w, _) in zip(before, fc)))
+    return {"decisions": decisions, "frozen": frozen,
+            "checksum": [float(p.detach().double().sum()) for p in model.parameters()]}
+
+
+@pytest.mark.slow
+def test_ddp_ranks_agree_on_width_cuts(tmp_path):
+    ranks = run_ranks(_ddp_worker, tmp_path)
+    assert ranks[0]["decisions"] == ranks[1]["decisions"]
+    assert all(ranks[0]["frozen"])
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]
