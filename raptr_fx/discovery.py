@@ -30,6 +30,7 @@ from .probe import Call, Probe, probe
 from .residuals import Residual, dataflow_graph, find_residuals
 from .skipping import ObservedOutput, OutputSlot, UnitFacts, judge
 from .tracing import ExampleInputs, TracedModel, normalize_example_inputs, trace
+from .untouched import class_forward, untouched
 
 __all__ = ["Block", "Discovery", "discover", "find_blocks"]
 
@@ -121,9 +122,12 @@ def discover(
     if granularity not in ("layer", "branch"):
         raise ValueError(f"granularity must be 'layer' or 'branch', got {granularity!r}")
     inputs = _on_model_device(model, normalize_example_inputs(example_inputs))
-    # The probe runs first: inputs the model rejects get their own error, not a tracing error.
-    measured = probe(model, inputs) if inputs is not None else None
-    traced = trace(model, inputs, tracer_options)
+    # Nothing the passes run may stay in the model (caches of proxies or fakes, rebound attributes);
+    # an instance forward that wraps the class's (Accelerate's autocast) is looked through.
+    with untouched(model), class_forward(model):
+        # The probe runs first: inputs the model rejects get their own error, not a tracing error.
+        measured = probe(model, inputs) if inputs is not None else None
+        traced = trace(model, inputs, tracer_options)
     if measured is not None and not traced.call_counts:
         traced.call_counts.update(measured.call_counts)
     graph = dataflow_graph(traced)
@@ -171,7 +175,6 @@ class _Grouping:
         for node, scope in traced.scopes.items():
             for name in scope:
                 self.regions.setdefault(name, set()).add(node)
-        self.param_ndim = {name: p.dim() for name, p in model.named_parameters()}
 
     # -- module boundaries -------------------------------------------------------------
     def inputs(self, name: str) -> list[fx.Node]:
@@ -315,9 +318,11 @@ class _Grouping:
             drop=drop,
             calls=self.traced.call_counts.get(name, 1),
             projection=self.projection(residuals),
-            outside_weight=self.outside_weight(name, residuals) if drop == "zero" else None,
+            weights_after=self.weights_after(name, residuals) if drop == "zero" else [],
+            weights_before=self.weights_before(name, drop, residuals, output),
             output=output,
             computed_from=self.computed_from(name, output),
+            unread=self.unread_outputs(name, output),
             stream_node=self.stream_node(name, drop, residuals),
             stream_argument=self.stream_argument(name, residuals[0]),
             arg_shapes=call.arg_shapes if call else None,
@@ -341,6 +346,31 @@ class _Grouping:
     def indexed(self, name: str) -> bool:
         return any(user.op == "call_function" and user.target is operator.getitem
                    for node in self.outputs(name) for user in node.users)
+
+    def unread_outputs(self, name: str, output: ObservedOutput | None) -> frozenset[int | str]:
+        """Computed output elements that nothing outside the unit reads in the traced forward
+        (``(hidden, attn_weights)`` without ``output_attentions``): a skip can return None there."""
+        if output is None or output.container == "tensor":
+            return frozenset()
+        region = self.regions[name]
+        user_outputs = set(self.traced.user_outputs)
+        outputs = self.outputs(name)
+        unread = set()
+        for leaf in output.leaves:
+            if leaf.kind != "tensor":
+                continue
+            if leaf.node is not None:  # torch.fx: any reader at all, shape queries included
+                if leaf.node not in user_outputs and all(u in region for u in leaf.node.users):
+                    unread.add(leaf.key)
+            elif self.traced.tracer == "torch.export":  # the unit's outputs read outside, by shape
+                if not any(_shape(o) == leaf.shape for o in outputs):
+                    unread.add(leaf.key)
+            elif len(outputs) == 1 and outputs[0] not in user_outputs:  # a torch.fx leaf module: one node
+                indices = [u.args[1] for u in outputs[0].users]
+                if all(u.op == "call_function" and u.target is operator.getitem for u in outputs[0].users):
+                    if leaf.key not in indices:
+                        unread.add(leaf.key)
+        return frozenset(unread)
 
     def computed_from(self, name: str, output: ObservedOutput | None) -> dict[int | str, list[str]]:
         """For each computed output element: the parameters inside the unit it is computed from."""
@@ -366,9 +396,57 @@ class _Grouping:
             return None
         return sorted({s for n in residual.shortcut for s in self.traced.scopes[n][-1:]})
 
-    def outside_weight(self, name: str, residuals: list[Residual]) -> str | None:
-        return next((p for r in residuals for p in r.params
-                     if not p.startswith(name + ".") and self.param_ndim.get(p, 0) > 1), None)
+    def weights_after(self, name: str, residuals: list[Residual]) -> list[str]:
+        """Parameters outside a zero unit on its branch after it (a parent's layer scale ``gamma``,
+        a norm of its output): skipped, the unit returns zeros and these would still run on them."""
+        region = self.regions[name]
+        found = set()
+        for residual in residuals:
+            for node in residual.branch_nodes - region:
+                if any(a in region for a in nx.ancestors(self.graph, node)):
+                    found |= {p for p in self.traced.param_uses.get(node, ()) if not p.startswith(name + ".")}
+        return sorted(found)
+
+    def weights_before(self, name: str, drop: DropRule, residuals: list[Residual],
+                       output: ObservedOutput | None) -> list[str]:
+        """Parameters outside the unit whose results only the unit consumes (a parent's norm feeding
+        a branch, a weight standardized for it): skipped, they would still run for nothing, and
+        freezing the dropped unit would not freeze them."""
+        region = self.regions[name]
+        kept = self.kept_when_skipped(name, drop, residuals, output)
+        if kept is None:
+            return []
+        dead: set[fx.Node] = set()
+        pending = {p for n in region for p in self.graph.predecessors(n) if p not in region}
+        seen = set(pending)
+        while pending:  # latest first: a node's users are decided before the node
+            node = max(pending, key=self.order.__getitem__)
+            pending.remove(node)
+            if node in kept or node.op == "placeholder" and node in self.traced.user_inputs:
+                continue
+            users = list(self.graph.successors(node))
+            if users and all(u in region or u in dead for u in users):
+                dead.add(node)
+                for p in self.graph.predecessors(node):
+                    if p not in region and p not in seen:
+                        seen.add(p)
+                        pending.add(p)
+        return sorted({p for n in dead for p in self.traced.param_uses.get(n, ()) if not p.startswith(name + ".")})
+
+    def kept_when_skipped(self, name: str, drop: DropRule, residuals: list[Residual],
+                          output: ObservedOutput | None) -> set[fx.Node] | None:
+        """The unit's argument nodes a skipped unit still returns (the stream of an identity unit,
+        pass-through elements); None when they cannot be told apart (torch.export, no call record)."""
+        returned = [leaf.source for leaf in (output.leaves if output else []) if leaf.kind == "input"]
+        if drop == "zero" and not returned:
+            return set()  # returns zeros: its argument's values are not used
+        args = self.traced.call_args.get(name)
+        if args is None:
+            return None
+        kept = {args[key] for key in returned if key in args}
+        if drop == "identity":
+            kept.add(residuals[0].origin)
+        return kept
 
     def stream_node(self, name: str, drop: DropRule, residuals: list[Residual]) -> fx.Node | None:
         """The graph node of the unit's stream output: after its residual adds, or its branch."""

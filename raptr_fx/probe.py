@@ -6,9 +6,11 @@ no data, so no real compute runs, no memory is allocated and no buffer can chang
 whatever the model's size or device (``cpu``, ``cuda`` or ``meta``).
 
 Only where fake tensors cannot follow the model (it reads a value: ``.item()``,
-``if x.sum() > 0``, an output whose shape depends on values) does the probe run
-one real forward pass, restoring buffers and forking the RNG so the user's model
-is left exactly as it was. ``Probe.mode`` says which was used.
+``if x.sum() > 0``, an output whose shape depends on values) or fail where real
+tensors do not (a fake kernel stricter than the real one) does the probe run one
+real forward pass, restoring buffers and attributes and forking the RNG so the
+user's model is left exactly as it was. The inputs are rejected only when that
+real pass fails too. ``Probe.mode`` says which was used.
 
 Value errors (an index past an embedding's rows) are invisible to fake tensors;
 the model's first real forward raises them.
@@ -31,6 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import ExampleInputsError, describe_inputs
 from .skipping import ObservedOutput, observe
+from .untouched import untouched
 
 __all__ = ["Call", "Probe", "probe"]
 
@@ -78,8 +81,12 @@ def probe(model: nn.Module, inputs: Inputs, *, mode: Literal["auto", "fake", "re
         except _FAKE_LIMITS:
             if mode == "fake":
                 raise
-        except Exception as exc:  # the model's own error on these inputs
-            raise ExampleInputsError(_failure(model, inputs, exc)) from exc
+        except Exception as exc:
+            if mode == "fake":
+                raise ExampleInputsError(_failure(model, inputs, exc)) from exc
+            # Fake and meta kernels can be stricter than the real ones (torch._grouped_mm's asks
+            # for bf16 where the CPU kernel runs float32): a real pass decides whether the model
+            # rejects the inputs, and its error is the one the user would see.
     try:
         return _run(model, inputs, fake=False)
     except Exception as exc:
@@ -101,7 +108,7 @@ def _run(model: nn.Module, inputs: Inputs, *, fake: bool) -> Probe:
     hooks = [m.register_forward_hook(_recorder(result, names), with_kwargs=True) for m in names]
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
+        with untouched(model), torch.random.fork_rng(devices=devices), torch.no_grad():
             counter = _fake_forward(model, inputs) if fake else _real_forward(model, inputs)
     finally:
         for hook in hooks:

@@ -8,9 +8,10 @@ are what a gate uses at run time to build a skipped unit's output.
 The rule for units that return more than the stream (a tuple, list or dict,
 like Hugging Face's ``T5Block``): the unit is droppable when exactly one element
 is the stream and every other element is one of the unit's own inputs returned
-unchanged, a constant (a Python number, string or bool) or None. Skipped, it
-returns the same structure with the stream input in the stream's place and the
-pass-through values in theirs.
+unchanged, a constant (a Python number, string or bool), None, or a computed
+value that nothing in the traced forward reads (attention weights nobody asked
+for). Skipped, it returns the same structure with the stream input in the
+stream's place, the pass-through values in theirs and None for unread ones.
 """
 
 from __future__ import annotations
@@ -87,10 +88,11 @@ class OutputSlot:
     """How a skipped unit rebuilds one element of its output."""
 
     key: int | str  # position in the returned tuple/list, or key of the returned dict
-    role: Literal["stream", "input", "constant"]  # the stream / an argument returned unchanged / a constant
+    # the stream / an argument returned unchanged / a constant / computed but read by nothing (rebuilt as None)
+    role: Literal["stream", "input", "constant", "unread"]
     source_position: int | None = None  # role "input": the forward argument's position ...
     source_name: str | None = None  # ... and name (whichever the call used)
-    value: bool | int | float | str | None = None  # role "constant"
+    value: bool | int | float | str | None = None  # role "constant" (None for "unread")
 
 
 @dataclass
@@ -102,9 +104,11 @@ class UnitFacts:
     drop: Literal["identity", "zero"]
     calls: int  # calls per forward
     projection: list[str] | None  # identity units: the modules of a projection shortcut, if any
-    outside_weight: str | None  # zero units: a weight outside the module that the branch also runs
+    weights_after: list[str]  # zero units: parameters outside it on the branch after it (layer scale)
+    weights_before: list[str]  # parameters outside it whose results only it consumes (a parent's norm)
     output: ObservedOutput | None  # what the call returned; None: not observed (one tensor assumed)
     computed_from: dict[int | str, list[str]]  # computed output element -> parameters it is computed from
+    unread: frozenset[int | str]  # computed output elements nothing outside the unit reads
     stream_node: fx.Node | None  # the unit's stream output in the graph, when known
     stream_argument: int | str | None  # the argument carrying the stream (position or keyword)
     arg_shapes: dict[int | str, tuple[int, ...]] | None  # probe: tensor arguments -> shape
@@ -131,9 +135,17 @@ def judge(facts: UnitFacts) -> Verdict:
         shapes = f" and changes the stream's shape{shapes}" if shapes else ""
         return Verdict(f"its shortcut is a projection{where}, not the identity{shapes}: "
                        "skipping it would change the stream")
-    if facts.drop == "zero" and facts.outside_weight is not None:
-        return Verdict(f"the branch also runs weights outside {facts.name} ({facts.outside_weight}); "
-                       "use granularity='layer'")
+    # Droppable only when a skip removes exactly the computation the unit owns: weights outside it
+    # that would keep running would train wrong (updated on zeros) or escape the freezing of dropped units.
+    if facts.weights_after:
+        return Verdict(f"the branch also runs weights outside {facts.name} on its result "
+                       f"({_listing(facts.weights_after)}): skipped, they would still run on its zeros and "
+                       "keep training; use granularity='layer'")
+    if facts.weights_before:
+        where = "the branch also runs weights outside" if facts.drop == "zero" else "it reads weights computed outside"
+        fix = "use granularity='layer'" if facts.drop == "zero" else f"compute them inside {facts.name}"
+        return Verdict(f"{where} {facts.name} that only it uses ({_listing(facts.weights_before)}): skipped, "
+                       f"they would still run for nothing and not be frozen with it; {fix}")
     output = facts.output or ObservedOutput("tensor")
     if output.container != "tensor" and output.container not in _CONTAINERS.values():
         return Verdict(f"returns a {output.container}; a skipped unit can only rebuild one tensor "
@@ -148,7 +160,8 @@ def judge(facts: UnitFacts) -> Verdict:
     if shapes:
         return Verdict(f"it changes the stream's shape{shapes}")
     position, name = argument_slot(facts.module, facts.stream_argument)
-    slots = tuple(_slot(facts.module, leaf, leaf is stream_leaf) for leaf in output.leaves)
+    slots = tuple(_slot(facts.module, leaf, leaf is stream_leaf, leaf.key in facts.unread)
+                  for leaf in output.leaves)
     return Verdict(None, position, name, output.container, slots)
 
 
@@ -170,7 +183,7 @@ def _structure_problem(facts: UnitFacts, output: ObservedOutput, stream_leaf: Le
     if stream_leaf is None:
         return f"none of the elements of the {output.container} it returns is the stream"
     for leaf in output.leaves:
-        if leaf is stream_leaf or leaf.kind in ("input", "constant"):
+        if leaf is stream_leaf or leaf.kind in ("input", "constant") or leaf.key in facts.unread:
             continue
         what = f"output[{leaf.key!r}]"
         if leaf.kind == "other":
@@ -181,6 +194,12 @@ def _structure_problem(facts: UnitFacts, output: ObservedOutput, stream_leaf: Le
     return None
 
 
+def _listing(names: list[str]) -> str:
+    """``a, b`` or ``a, b and 3 more``."""
+    more = f" and {len(names) - 2} more" if len(names) > 2 else ""
+    return ", ".join(names[:2]) + more
+
+
 def _sources(params: list[str] | None) -> str:
     """`` from w`` or `` from w and 2 more``: the parameters an output element is computed from."""
     if not params:
@@ -189,9 +208,13 @@ def _sources(params: list[str] | None) -> str:
     return f" from {params[0]}{more}"
 
 
-def _slot(module: nn.Module, leaf: Leaf, is_stream: bool) -> OutputSlot:
+def _slot(module: nn.Module, leaf: Leaf, is_stream: bool, unread: bool) -> OutputSlot:
     if is_stream:
         return OutputSlot(leaf.key, "stream")
+    if unread:
+        # Nothing in the traced forward reads it: None is what such layers return when the element
+        # is not asked for (attention weights without output_attentions), and a reader would fail loudly.
+        return OutputSlot(leaf.key, "unread")
     if leaf.kind == "input":
         position, name = argument_slot(module, leaf.source)
         return OutputSlot(leaf.key, "input", position, name)

@@ -103,6 +103,10 @@ class _RecordingTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self.extra_leaf_modules and isinstance(m, self.extra_leaf_modules):
             return True
+        if type(m) is nn.Identity:
+            # Traced through (it returns its input, no node), as torch.export does: a shortcut
+            # ``f(x) + self.shortcut(x)`` or a ``res_scale = nn.Identity()`` keeps the stream.
+            return False
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m, forward, args, kwargs):  # type: ignore[override]
@@ -153,6 +157,8 @@ def _trace_symbolic(model: nn.Module, tracer_options: dict[str, Any]) -> TracedM
             if arg.op == "get_attr" and arg.target in params:
                 used.add(arg.target)
         param_uses[node] = frozenset(used)
+    user_inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    param_uses = _through_parameter_expressions(graph, param_uses, user_inputs)
     scopes = {n: _scope(n) for n in graph.nodes}
     output = next(n for n in graph.nodes if n.op == "output")
     return TracedModel(
@@ -160,7 +166,7 @@ def _trace_symbolic(model: nn.Module, tracer_options: dict[str, Any]) -> TracedM
         tracer="torch.fx",
         scopes=scopes,
         param_uses=param_uses,
-        user_inputs=[n for n in graph.nodes if n.op == "placeholder"],
+        user_inputs=user_inputs,
         user_outputs=list(output.all_input_nodes),
         call_counts=tracer.call_counts,
         call_args=tracer.call_args,
@@ -207,6 +213,7 @@ def _trace_export(model: nn.Module, inputs: ExampleInputs) -> TracedModel:
     output = next(n for n in graph.nodes if n.op == "output")
     user_inputs = [n for n in graph.nodes if n.op == "placeholder" and n.name in user_input_names]
     user_outputs = [n for n in output.all_input_nodes if n.name in user_output_names]
+    param_uses = _through_parameter_expressions(graph, param_uses, user_inputs)
     return TracedModel(
         graph=graph,
         tracer="torch.export",
@@ -216,6 +223,29 @@ def _trace_export(model: nn.Module, inputs: ExampleInputs) -> TracedModel:
         user_outputs=user_outputs,
         call_counts=Counter(),  # filled in by the probe run, which sees every call
     )
+
+
+def _through_parameter_expressions(graph: fx.Graph, param_uses: dict[fx.Node, frozenset[str]],
+                                   user_inputs: list[fx.Node]) -> dict[fx.Node, frozenset[str]]:
+    """A node reading a value computed from parameters alone reads those parameters.
+
+    ``x * self.gamma.view(1, -1, 1, 1)`` or a weight standardized before ``F.conv2d``: the op
+    that meets the data reads ``gamma`` or the conv weight through the view or the arithmetic.
+    """
+    carries_inputs: set[fx.Node] = set(user_inputs)
+    expression: dict[fx.Node, frozenset[str]] = {}  # node computed from parameters alone -> them
+    result = dict(param_uses)
+    for node in graph.nodes:
+        inputs = node.all_input_nodes
+        if node in carries_inputs or any(a in carries_inputs for a in inputs):
+            carries_inputs.add(node)
+        else:
+            expression[node] = param_uses.get(node, frozenset()).union(
+                *(expression.get(a, frozenset()) for a in inputs))
+        reached = frozenset().union(*(expression[a] for a in inputs if a in expression))
+        if reached - result.get(node, frozenset()):
+            result[node] = result.get(node, frozenset()) | reached
+    return result
 
 
 def _first_line(exc: BaseException) -> str:

@@ -42,12 +42,24 @@ def test_projection_block_reports_shape_change():
 
 
 def test_branch_granularity_lists_each_branch():
-    blocks = find_blocks(GPT(n_layer=2), tokens(), granularity="branch")
-    assert [(b.name, b.drop) for b in blocks] == [
-        ("transformer.h.0.attn", "zero"), ("transformer.h.0.mlp", "zero"),
-        ("transformer.h.1.attn", "zero"), ("transformer.h.1.mlp", "zero"),
-    ]
+    from tests.fixtures.models import BranchLoopTransformer
+
+    blocks = find_blocks(BranchLoopTransformer(n_layer=2), tokens(), granularity="branch")
+    assert [(b.name, b.drop) for b in blocks] == [("attns.0", "zero"), ("mlps.0", "zero"),
+                                                  ("attns.1", "zero"), ("mlps.1", "zero")]
     assert all(b.droppable for b in blocks)
+
+
+def test_branch_granularity_refuses_branches_whose_norm_lives_outside():
+    # GPT's pre-norm ln_1 is the layer's, not attn's: a skipped attn would leave it running unfrozen.
+    blocks = find_blocks(GPT(n_layer=2), tokens(), granularity="branch")
+    assert [b.name for b in blocks] == ["transformer.h.0.attn", "transformer.h.0.mlp",
+                                        "transformer.h.1.attn", "transformer.h.1.mlp"]
+    assert not any(b.droppable for b in blocks)
+    assert blocks[0].reason == (
+        "the branch also runs weights outside transformer.h.0.attn that only it uses (transformer.h.0.ln_1.bias, "
+        "transformer.h.0.ln_1.weight): skipped, they would still run for nothing and not be frozen with it; "
+        "use granularity='layer'")
 
 
 def test_branch_granularity_refuses_branches_spanning_modules():
@@ -197,8 +209,9 @@ def test_pass_through_ops_keep_the_stream():
     ("hello", "model(str 'hello')", "AttributeError: 'str' object has no attribute 'size'"),
     ({"x": torch.zeros(2, 8, dtype=torch.long)}, "model(x=tensor[2, 8] int64)",
      "TypeError: GPT.forward() got an unexpected keyword argument 'x'"),
+    # the real pass's error: fake tensors word it differently, and are only a first try
     ((torch.zeros(2, 8, 3, dtype=torch.long),), "model(tensor[2, 8, 3] int64)",
-     "RuntimeError: Attempting to broadcast a dimension"),
+     "RuntimeError: The size of tensor a (3) must match the size of tensor b (8)"),
 ], ids=["float ids", "string", "dict for a tensor", "extra dimension"])
 def test_bad_example_inputs_give_one_error(inputs, shown, error):
     from raptr_fx.errors import ExampleInputsError
@@ -239,16 +252,28 @@ def test_untraceable_with_inputs_does_not_ask_for_inputs():
     assert "leaf_modules" in message
 
 
+class AttentionBranches(nn.Module):
+    """``x + attn(x, x, x)[0]``: nn.MultiheadAttention is the whole branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.attns = nn.ModuleList([nn.MultiheadAttention(16, 2, batch_first=True) for _ in range(2)])
+
+    def forward(self, x):
+        for attn in self.attns:
+            x = x + attn(x, x, x, need_weights=False)[0]
+        return x
+
+
 def test_leaf_module_returning_a_tuple():
     from raptr_fx.skipping import OutputSlot
-    from tests.fixtures.models import ViT
 
-    # nn.MultiheadAttention is a leaf: torch.fx sees one opaque value that ViTBlock indexes ([0]).
-    blocks = {b.name: b for b in find_blocks(ViT(), granularity="branch")}
-    assert not blocks["blocks.0.attn"].droppable
-    assert "pass example inputs to see what it holds" in blocks["blocks.0.attn"].reason
+    # nn.MultiheadAttention is a leaf: torch.fx sees one opaque value that the parent indexes ([0]).
+    blocks = {b.name: b for b in find_blocks(AttentionBranches())}
+    assert not blocks["attns.0"].droppable
+    assert "pass example inputs to see what it holds" in blocks["attns.0"].reason
     # With example inputs the probe sees (attn_output, None): a zero unit returning (zeros, None).
-    attn = {b.name: b for b in find_blocks(ViT(), images(), granularity="branch")}["blocks.0.attn"]
+    attn = {b.name: b for b in find_blocks(AttentionBranches(), features())}["attns.0"]
     assert attn.droppable and attn.drop == "zero"
     assert attn.output_slots == (OutputSlot(0, "stream"), OutputSlot(1, "constant"))
 

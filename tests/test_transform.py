@@ -9,7 +9,7 @@ from torch import nn
 
 import raptr_fx
 from raptr_fx import FullModel, RaptrError, Stage, transform
-from tests.fixtures.models import GPT, ZOO, LoopTransformer, ResNet, images, tokens
+from tests.fixtures.models import GPT, ZOO, BranchLoopTransformer, ResNet, images, tokens
 
 
 def forced(controller, keep, scale=None):
@@ -47,7 +47,7 @@ def test_gate_off_equals_block_replaced_by_identity():
 
 def test_zero_unit_off_equals_branch_replaced_by_zero():
     torch.manual_seed(0)
-    model = LoopTransformer()
+    model = BranchLoopTransformer()
     reference = copy.deepcopy(model)
     ctl = transform(model, FullModel())
     assert [b.name for b in ctl.blocks] == ["attns.0", "mlps.0", "attns.1", "mlps.1"]
@@ -89,14 +89,14 @@ def test_inverse_scaling_formula_identity_units():
 
 def test_inverse_scaling_formula_zero_units():
     torch.manual_seed(0)
-    model = LoopTransformer(n_layer=1)
+    model = BranchLoopTransformer(n_layer=1)
     reference = copy.deepcopy(model)
     ctl = transform(model, FullModel(), scaling=lambda p: 1 / p)
     forced(ctl, [True, True], [4.0, 1.0])
     idx = tokens()[0]
     x = reference.embed(idx)
-    x = x + 4.0 * reference.attns[0](reference.ln1[0](x))  # kept branch: x + b(x) / p
-    x = x + reference.mlps[0](reference.ln2[0](x))
+    x = x + 4.0 * reference.attns[0](x)  # kept branch: x + b(x) / p
+    x = x + reference.mlps[0](x)
     torch.testing.assert_close(model(idx), reference.head(x), rtol=0, atol=1e-6)
 
 

@@ -1,0 +1,398 @@
+"""Every architecture of the installed transformers, built tiny, through find_blocks and transform.
+
+For each model type with a causal-LM, seq2seq-LM, masked-LM or image-classification head, the
+default config is shrunk (2 layers, hidden 32, float32, CPU, dropout off, no cache) and checked:
+
+* units: droppable units found against the config's layer count (fewer or none: the refusal reasons);
+* untouched: ``find_blocks`` leaves every module's ``__dict__``, buffers and hooks as they were;
+* eval: the transformed model in eval mode returns bitwise the untransformed output;
+* grads: in training, every other unit dropped, a backward pass gives dropped units no gradient;
+* remove: ``ctl.remove()`` takes every gate off and the model is as before ``transform``.
+
+Each model runs in a forked child with a timeout (the parent imports torch and transformers once,
+so a child costs little). A type whose tiny config does not build, or whose plain forward fails,
+is "unbuildable" and not counted.
+
+    python benchmarks/hf_zoo.py                    # every architecture (about an hour on one core)
+    python benchmarks/hf_zoo.py --sample           # the fixed CI sample (a few minutes)
+    python benchmarks/hf_zoo.py --only bloom,t5 --out zoo.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import transformers  # noqa: E402
+from transformers.models.auto import modeling_auto  # noqa: E402
+
+import raptr_fx  # noqa: E402
+
+LAYERS = 2
+HIDDEN = 32
+HEADS = 2
+VOCAB = 256
+SEQ = 8
+IMAGE = 32
+
+# A fixed sample for CI: dense decoders, sparse MoE, Bloom-style (hidden, attn_weights) layers,
+# T5-style position-bias tuples, encoder-decoders, masked LMs and vision encoders.
+SAMPLE = ["llama", "gpt2", "mixtral", "qwen2_moe", "olmoe", "deepseek_v3", "bloom", "gpt_neo", "mpt",
+          "roformer", "t5", "switch_transformers", "longt5", "bart", "bert", "roberta", "vit", "resnet",
+          "convnext", "mistral", "falcon", "phi"]
+
+# Heads in order of preference: one model class per model type.
+TASKS = [("causal", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"), ("seq2seq", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES"),
+         ("masked", "MODEL_FOR_MASKED_LM_MAPPING_NAMES"), ("image", "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES")]
+
+LAYER_FIELDS = {"num_hidden_layers", "num_layers", "n_layer", "n_layers", "encoder_layers", "decoder_layers",
+                "num_decoder_layers", "num_encoder_layers"}
+WIDTH_FIELDS = {"hidden_size", "d_model", "n_embd", "dim", "embed_dim", "hidden_dim", "n_embed", "d_embed",
+                "word_embed_proj_dim", "embedding_size"}
+FFN_FIELDS = {"intermediate_size", "d_ff", "ffn_dim", "n_inner", "encoder_ffn_dim", "decoder_ffn_dim",
+              "moe_intermediate_size", "shared_expert_intermediate_size", "inner_hidden_size", "hidden_dim_ffn"}
+HEAD_FIELDS = {"num_attention_heads", "n_head", "n_heads", "num_heads", "encoder_attention_heads",
+               "decoder_attention_heads"}
+EXPERT_FIELDS = {"num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"}
+
+
+# --- tiny configs ---------------------------------------------------------------------------------
+def shrink(config: Any) -> None:
+    """Shrink ``config`` (and its sub-configs) in place."""
+    values = {k: v for k, v in vars(config).items() if not k.startswith("_")}
+    old_layers = {v for k, v in values.items() if k in LAYER_FIELDS and isinstance(v, int)}
+    for key, value in values.items():
+        if isinstance(value, transformers.PretrainedConfig):
+            shrink(value)
+            continue
+        new = _tiny_value(key, value, values)
+        if new is not value:
+            try:
+                setattr(config, key, new)
+            except Exception:  # a read-only property
+                pass
+        if isinstance(value, list) and len(value) in old_layers and len(value) > LAYERS:
+            setattr(config, key, value[:LAYERS])  # per-layer lists (layer_types, block_types)
+    if hasattr(config, "use_cache"):
+        config.use_cache = False
+
+
+def layer_count(config: Any, task: str) -> int:
+    """The layers the model of ``task`` builds from ``config``: what units are counted against."""
+    def first(*names: str) -> int:
+        return next((getattr(config, n) for n in names if isinstance(getattr(config, n, None), int)), 0)
+
+    encoder = first("encoder_layers", "num_encoder_layers", "num_layers", "num_hidden_layers")
+    decoder = first("decoder_layers", "num_decoder_layers")
+    if task == "seq2seq" and decoder:
+        return encoder + decoder
+    if decoder:  # a causal LM of an encoder-decoder family: its decoder alone
+        return decoder
+    count = first("num_hidden_layers", "num_layers", "n_layer", "n_layers")
+    if not count and isinstance(getattr(config, "depths", None), (list, tuple)):
+        count = sum(config.depths)
+    if not count:  # a composite config: its text or vision part
+        for sub in ("text_config", "decoder", "vision_config"):
+            if isinstance(getattr(config, sub, None), transformers.PretrainedConfig):
+                return layer_count(getattr(config, sub), task)
+    return count
+
+
+def _tiny_value(key: str, value: Any, values: dict[str, Any]) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float, list, tuple)):
+        return value
+    if isinstance(value, float):
+        return 0.0 if "dropout" in key or key.endswith("_drop") or "drop_path" in key or "layerdrop" in key else value
+    original = value
+    if isinstance(value, tuple):
+        value = list(value)
+    if isinstance(value, list):
+        if key == "depths" and all(isinstance(v, int) for v in value):
+            return [1] * len(value)
+        if key in ("hidden_sizes", "embed_dims", "dims") and all(isinstance(v, int) for v in value):
+            return [HIDDEN * (i + 1) for i in range(len(value))]
+        if key in ("num_heads", "num_attention_heads") and all(isinstance(v, int) for v in value):
+            return [1] * len(value)
+        return original
+    if key in LAYER_FIELDS:
+        return LAYERS if value > 0 else value
+    if key in WIDTH_FIELDS:
+        return HIDDEN
+    if key in FFN_FIELDS:
+        return 2 * HIDDEN
+    if key in HEAD_FIELDS:
+        return HEADS
+    if key in ("num_key_value_heads", "n_head_kv", "num_kv_heads", "multi_query_group_num"):
+        return 1
+    if key in ("head_dim", "d_kv", "attention_head_size", "kv_channels"):
+        return HIDDEN // HEADS
+    if key in EXPERT_FIELDS:
+        return 4
+    if key in ("num_experts_per_tok", "moe_topk", "top_k", "num_selected_experts"):
+        return min(value, 2)
+    if key == "vocab_size" and value > VOCAB:
+        return VOCAB
+    if key.endswith("_token_id") and value >= VOCAB:
+        return VOCAB - 1
+    if key == "image_size" and value > IMAGE:
+        return IMAGE
+    if key == "max_position_embeddings" and value > 512:
+        return 512
+    return value
+
+
+# --- the checks -----------------------------------------------------------------------------------
+def architectures() -> list[tuple[str, str, str]]:
+    """(model type, task, class name), one per model type."""
+    found: dict[str, tuple[str, str, str]] = {}
+    for task, mapping in TASKS:
+        for model_type, class_name in getattr(modeling_auto, mapping).items():
+            if isinstance(class_name, (tuple, list)):
+                class_name = class_name[0]
+            found.setdefault(model_type, (model_type, task, class_name))
+    return sorted(found.values())
+
+
+def example_inputs(config: Any, task: str) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    if task == "image":
+        channels = getattr(config, "num_channels", 3)
+        size = getattr(config, "image_size", IMAGE)
+        size = size[0] if isinstance(size, (list, tuple)) else size
+        return {"pixel_values": torch.randn(2, channels, size, size, generator=generator)}
+    vocab = getattr(config, "vocab_size", None) or getattr(getattr(config, "text_config", None), "vocab_size", VOCAB)
+    ids = torch.randint(4, min(vocab, VOCAB) - 1, (2, SEQ), generator=generator)
+    if task == "seq2seq":
+        return {"input_ids": ids, "decoder_input_ids": ids.flip(1)}
+    return {"input_ids": ids}
+
+
+def tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict) or hasattr(value, "to_tuple"):
+        value = list(value.values()) if isinstance(value, dict) else list(value.to_tuple())
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in tensors(v)]
+    return []
+
+
+def snapshot(model: torch.nn.Module, values: bool = True) -> dict[str, Any]:
+    """What discovery must not change: each module's __dict__ entries (by identity), buffers, hooks."""
+    state = {}
+    for name, module in model.named_modules():
+        entries = {k: id(v) for k, v in vars(module).items() if not k.startswith("_") or k in (
+            "_forward_hooks", "_forward_pre_hooks", "_backward_hooks")}
+        hooks = {k: list(getattr(module, k).keys()) for k in ("_forward_hooks", "_forward_pre_hooks",
+                                                              "_backward_hooks", "_forward_hooks_with_kwargs")}
+        buffers = {k: (id(v), v.clone() if v is not None and values else None) for k, v in module._buffers.items()}
+        state[name] = (entries, hooks, buffers)
+    return state
+
+
+def same(before: dict[str, Any], after: dict[str, Any]) -> str | None:
+    """None when the snapshots agree, else the first difference."""
+    if before.keys() != after.keys():
+        return f"modules {sorted(set(before) ^ set(after))[:3]}"
+    for name, (entries, hooks, buffers) in before.items():
+        entries2, hooks2, buffers2 = after[name]
+        if entries != entries2:
+            keys = sorted(k for k in entries.keys() | entries2.keys() if entries.get(k) != entries2.get(k))
+            return f"{name or 'model'}.{keys[0]} changed"
+        if hooks != hooks2:
+            return f"{name or 'model'} hooks changed"
+        for key, (ident, value) in buffers.items():
+            ident2, value2 = buffers2.get(key, (None, None))
+            if ident != ident2 or (value is not None and not torch.equal(value, value2)):
+                return f"{name or 'model'} buffer {key} changed"
+    return None
+
+
+def check(model_type: str, task: str, class_name: str) -> dict[str, Any]:
+    result: dict[str, Any] = {"type": model_type, "task": task, "class": class_name}
+    try:
+        config = transformers.CONFIG_MAPPING[model_type]()
+        shrink(config)
+        layers = layer_count(config, task)
+        result["layers"] = layers
+        model_class = getattr(transformers, class_name)
+        torch.manual_seed(0)
+        model = model_class(config).float().eval()
+        inputs = example_inputs(config, task)
+        with torch.no_grad():
+            reference = [t.clone() for t in tensors(model(**inputs))]
+    except Exception as exc:
+        return {**result, "status": "unbuildable", "detail": _one_line(exc)}
+    if not reference:
+        return {**result, "status": "unbuildable", "detail": "the plain forward returns no tensor"}
+    stage = "find_blocks"
+    try:
+        before = snapshot(model)
+        blocks = raptr_fx.find_blocks(model, inputs)
+        result["units"] = sum(b.droppable for b in blocks)
+        result["refused"] = [f"{b.name}: {b.reason}" for b in blocks if not b.droppable]
+        changed = same(before, snapshot(model))
+        if changed:
+            return {**result, "status": "changed", "detail": f"find_blocks left the model changed: {changed}"}
+        stage = "transform"
+        ctl = raptr_fx.transform(model, raptr_fx.FullModel(), example_inputs=inputs)
+        stage = "eval"
+        with torch.no_grad():
+            out = tensors(model(**inputs))
+        if len(out) != len(reference) or not all(torch.equal(a, b) for a, b in zip(out, reference)):
+            return {**result, "status": "eval differs", "detail": "eval output not bitwise the plain model's"}
+        stage = "grads"
+        keep = [i % 2 == 1 for i in range(len(ctl.blocks))] if len(ctl.blocks) > 1 else [False]
+        ctl._state.set(keep, [1.0] * len(keep))
+        saved_buffers = {k: v.clone() for k, v in model.named_buffers()}
+        model.train()
+        loss = sum(t.float().pow(2).mean() for t in tensors(model(**inputs)) if t.is_floating_point())
+        loss.backward()
+        modules = dict(model.named_modules())
+        for block, kept in zip(ctl.blocks, keep):
+            graded = [n for n, p in modules[block.name].named_parameters() if p.grad is not None]
+            if not kept and graded:
+                return {**result, "status": "grads", "detail": f"dropped {block.name} got gradients ({graded[0]})"}
+        stage = "remove"
+        with torch.no_grad():  # training updated running statistics; remove() is checked without them
+            for key, buffer in model.named_buffers():
+                buffer.copy_(saved_buffers[key])
+        model.zero_grad(set_to_none=True)
+        model.eval()
+        ctl.remove()
+        changed = same(before, snapshot(model))
+        if changed:
+            return {**result, "status": "remove", "detail": f"after remove(): {changed}"}
+        with torch.no_grad():
+            out = tensors(model(**inputs))
+        if not all(torch.equal(a, b) for a, b in zip(out, reference)):
+            return {**result, "status": "remove", "detail": "output after remove() differs"}
+    except raptr_fx.RaptrError as exc:
+        return {**result, "status": "refused" if stage == "transform" else f"{stage} error",
+                "detail": _one_line(exc)}
+    except Exception as exc:
+        return {**result, "status": f"{stage} crash", "detail": _one_line(exc),
+                "where": traceback.format_exc().strip().splitlines()[-3:]}
+    return {**result, "status": "ok" if result["units"] >= layers else "fewer units"}
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300] if text else ''}"
+
+
+# --- one child per model ---------------------------------------------------------------------------
+def run_in_child(arch: tuple[str, str, str], timeout: float) -> dict[str, Any]:
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: run one model, write its result, exit without cleanup
+        os.close(read)
+        try:
+            transformers.logging.set_verbosity_error()
+            payload = json.dumps(check(*arch), default=str).encode()
+        except BaseException as exc:  # noqa: BLE001 - report anything, never hang the parent
+            payload = json.dumps({"type": arch[0], "task": arch[1], "class": arch[2], "status": "crash",
+                                  "detail": _one_line(exc)}).encode()
+        with os.fdopen(write, "wb") as pipe:
+            pipe.write(payload)
+        os._exit(0)
+    os.close(write)
+    deadline = time.monotonic() + timeout
+    chunks = []
+    os.set_blocking(read, False)
+    while True:
+        try:
+            chunk = os.read(read, 1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                os.close(read)
+                return {"type": arch[0], "task": arch[1], "class": arch[2], "status": "timeout",
+                        "detail": f"over {timeout:.0f} s"}
+            time.sleep(0.05)
+    os.close(read)
+    _, status = os.waitpid(pid, 0)
+    if not chunks:
+        return {"type": arch[0], "task": arch[1], "class": arch[2], "status": "crash",
+                "detail": f"child died (wait status {status})"}
+    return json.loads(b"".join(chunks))
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    lines = ["| model type | class | layers | units | status | detail |", "|---|---|---|---|---|---|"]
+    for r in results:
+        detail = r.get("detail") or ""
+        if r["status"] == "fewer units" or (r["status"] == "refused" and r.get("refused")):
+            detail = "; ".join(r["refused"][:2]) + (f"; +{len(r['refused']) - 2} more" if len(r["refused"]) > 2 else "")
+        detail = detail.replace("|", "/").replace("\n", " ")[:240]
+        lines.append(f"| {r['type']} | {r['class']} | {r.get('layers', '')} | {r.get('units', '')} | "
+                     f"{r['status']} | {detail} |")
+    return "\n".join(lines)
+
+
+def summary(results: list[dict[str, Any]]) -> str:
+    built = [r for r in results if r["status"] != "unbuildable"]
+    ok = sum(r["status"] == "ok" for r in built)
+    fewer = sum(r["status"] == "fewer units" for r in built)
+    refused = sum(r["status"] == "refused" for r in built)
+    failed = len(built) - ok - fewer - refused
+    share = (ok + fewer) / len(built) if built else 0.0
+    return (f"{ok} of {len(built)} fully right, {fewer} with fewer units than layers (reasons given), "
+            f"{refused} refused with a reason, {failed} failed; {share:.1%} transform and pass every check "
+            f"({len(results) - len(built)} unbuildable of {len(results)} model types)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", help="comma-separated model types (e.g. bloom,t5)")
+    parser.add_argument("--sample", action="store_true", help=f"the fixed CI sample ({len(SAMPLE)} types)")
+    parser.add_argument("--timeout", type=float, default=240.0, help="seconds per model (default 240)")
+    parser.add_argument("--out", help="write the table and summary (markdown) to this file")
+    parser.add_argument("--json", help="write the raw results (JSON lines) to this file")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    archs = architectures()
+    if args.only or args.sample:
+        wanted = args.only.split(",") if args.only else SAMPLE
+        unknown = set(wanted) - {a[0] for a in archs}
+        if unknown:
+            raise SystemExit(f"unknown model type(s) {sorted(unknown)}")
+        archs = [a for a in archs if a[0] in wanted]
+    results = []
+    for arch in archs:
+        start = time.monotonic()
+        result = run_in_child(arch, args.timeout)
+        result["seconds"] = round(time.monotonic() - start, 1)
+        results.append(result)
+        print(f"{result['type']:32s} {result['status']:14s} {result.get('units', '')!s:>3}/"
+              f"{result.get('layers', '')!s:<3} {result['seconds']:6.1f}s  {(result.get('detail') or '')[:110]}",
+              flush=True)
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(result, default=str) + "\n")
+    text = f"{table(results)}\n\n{summary(results)}\n"
+    print("\n" + text)
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
