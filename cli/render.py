@@ -9,7 +9,8 @@ from rich.table import Table
 
 from raptr_fx import Schedule, StagePlan
 from raptr_fx.discovery import Discovery
-from raptr_fx.report import summary
+from raptr_fx.report import summary, width_summary
+from raptr_fx.width import WidthGroup
 from raptr_fx.schedules import overall_compute
 
 _BAR_WIDTH = 30
@@ -46,16 +47,43 @@ def discovery_table(discovery: Discovery, console: Console) -> None:
     )
 
 
+def width_table(model_type: str, groups: Sequence[WidthGroup], console: Console) -> None:
+    table = Table(title=f"{model_type}: width groups", title_justify="left")
+    for column, justify in (("unit", "left"), ("kind", "left"), ("size", "right"), ("parts", "right"),
+                            ("params", "right"), ("FLOPs", "right"), ("projections", "left")):
+        table.add_column(column, justify=justify)
+    for group in groups:
+        unit_prefix = group.unit + "."
+        modules = ", ".join(m.removeprefix(unit_prefix) for m in group.modules)
+        parts = str(group.parts) if group.droppable else "[red]kept[/red]"
+        table.add_row(group.unit, group.kind, str(group.size or "-"), parts, f"{group.params:,}",
+                      _percent(group.flops_share), modules)
+    console.print(table)
+    for group in groups:
+        if not group.droppable:
+            console.print(f"[red]x[/red] {group.name} cannot be cut: {group.reason}")
+    totals = width_summary(model_type, groups)
+    by_kind = totals["cuttable_by_kind"]
+    console.print(
+        f"Groups: {totals['cuttable_groups']} cuttable of {totals['groups']} found "
+        f"({by_kind['mlp']} MLP, {by_kind['heads']} attention)\n"
+        f"Compute in cuttable groups: {_percent(totals['cuttable_flops_share'])} of forward FLOPs"
+        + ("" if totals["cuttable_flops_share"] is not None else " (needs example inputs)"))
+
+
 def schedule_table(schedule: Schedule, rows: Sequence[StagePlan], units: int, console: Console) -> None:
     table = Table(title=f"{schedule.describe()} on {units} blocks", title_justify="left")
-    for column in ("stage", "steps", "active", "keep p", "compute", ""):
+    with_width = any(row.width < 1.0 for row in rows)
+    columns = ("stage", "steps", "active", "keep p", *(("width",) if with_width else ()), "compute", "")
+    for column in columns:
         table.add_column(column, justify="left" if column == "" else "right")
     for row in rows:
         free = [p for i, p in enumerate(row.keep) if i not in schedule.fixed(units)]
         keep = f"{free[0]:.3f}" if free else "-"
         bar = "#" * round(_BAR_WIDTH * row.compute)
+        width = (f"{row.width:.2f}",) if with_width else ()
         table.add_row(str(row.stage), f"{row.steps:,}" if row.steps is not None else "open",
-                      f"{row.active:.1f}", keep, _percent(row.compute), bar)
+                      f"{row.active:.1f}", keep, *width, _percent(row.compute), bar)
     console.print(table)
     total = overall_compute(rows)
     if total is not None:

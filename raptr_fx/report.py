@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Sequence
 
 from .discovery import Discovery
 from .residuals import is_add
+from .width import WidthGroup
 
-__all__ = ["summary", "to_json", "to_dot"]
+__all__ = ["summary", "to_json", "to_dot", "width_summary", "width_to_json"]
 
 
 def summary(discovery: Discovery) -> dict[str, Any]:
@@ -32,6 +33,23 @@ def summary(discovery: Discovery) -> dict[str, Any]:
 
 def to_json(discovery: Discovery) -> dict[str, Any]:
     return {**summary(discovery), "blocks": [dataclasses.asdict(b) for b in discovery.blocks]}
+
+
+def width_summary(model_type: str, groups: Sequence[WidthGroup]) -> dict[str, Any]:
+    """Totals under the width table: groups found and cuttable, compute in cuttable groups."""
+    cuttable = [g for g in groups if g.droppable]
+    shares = [g.flops_share for g in cuttable]
+    return {
+        "model": model_type,
+        "groups": len(groups),
+        "cuttable_groups": len(cuttable),
+        "cuttable_by_kind": {kind: sum(g.kind == kind for g in cuttable) for kind in ("mlp", "heads")},
+        "cuttable_flops_share": sum(shares) if cuttable and None not in shares else None,
+    }
+
+
+def width_to_json(model_type: str, groups: Sequence[WidthGroup]) -> dict[str, Any]:
+    return {**width_summary(model_type, groups), "width_groups": [dataclasses.asdict(g) for g in groups]}
 
 
 def _quote(text: str) -> str:

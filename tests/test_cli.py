@@ -296,3 +296,35 @@ def test_inspect_hf_t5_golden(cli):
     result = cli("inspect", "hf:t5", "--set", "num_layers=3", "--set", "num_decoder_layers=2")
     assert result.exit_code == 0, result.output
     golden("inspect_hf_t5.txt", result.output)
+
+
+def test_inspect_width_golden(cli):
+    result = cli("inspect", EXAMPLE, "--width")
+    assert result.exit_code == 0, result.output
+    golden("inspect_width_nanogpt.txt", result.output)
+
+
+def test_inspect_width_json_hf_llama(cli):
+    _needs_transformers()
+    result = cli("inspect", "hf:llama", "--set", "num_hidden_layers=2", "--set", "hidden_size=64",
+                 "--set", "intermediate_size=128", "--set", "num_attention_heads=4", "--set", "num_key_value_heads=2",
+                 "--width", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["cuttable_groups"] == 4 and data["cuttable_by_kind"] == {"mlp": 2, "heads": 2}
+    heads = data["width_groups"][0]
+    assert heads["kind"] == "heads" and heads["size"] == 4 and heads["parts"] == 2 and heads["droppable"]
+
+
+def test_schedule_with_width_golden(cli):
+    result = cli("schedule", "--width", "0.5-0.67-0.83-1", "--steps", "1000", "--model", EXAMPLE)
+    assert result.exit_code == 0, result.output
+    golden("schedule_width_nanogpt.txt", result.output)
+
+
+def test_schedule_width_without_model_says_it_is_not_counted(cli):
+    result = cli("schedule", "6-8-10-12", "--width", "0.5-0.67-0.83-1", "--steps", "100", "--layers", "12")
+    assert result.exit_code == 0, result.output
+    assert "x width 0.5-0.67-0.83-1" in result.output and "not counted in compute without --model" in result.output
+    result = cli("schedule", "--steps", "100", "--layers", "12")
+    assert result.exit_code == 1 and "give a schedule" in result.output
