@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import raptr_fx
-from raptr_fx import RaPTr
+from raptr_fx import RaPTr, WidthRaPTr
 from raptr_fx.errors import RaptrWarning
 from tests.fixtures.models import GPT
 
@@ -135,6 +135,27 @@ def test_existing_controller_and_frozen_units(tmp_path):
     changed = {k.split(".")[2] for k in before
                if k.startswith("transformer.h.") and not torch.equal(before[k], after[k])}
     assert changed == {"0", "3"}
+
+
+def test_width_schedule_freezes_the_parts_not_kept(tmp_path):
+    # Lightning's closure runs the backward inside optimizer.step(): whatever the controller freezes
+    # around the step (here the MLP rows a width cut did not keep) must still be frozen.
+    callback = RaPTrLightningCallback(WidthRaPTr("0.5-1", total_steps=STEPS), module="model")
+    unchanged_and_dropped = []
+
+    class CompareRows(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            self.before = pl_module.model.transformer.h[0].mlp.c_fc.weight.detach().clone()
+            self.dropped = 64 - callback.controller.kept_parts["transformer.h.0:mlp"]
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            after = pl_module.model.transformer.h[0].mlp.c_fc.weight
+            unchanged = int((after == self.before).all(dim=1).sum())
+            unchanged_and_dropped.append((unchanged, self.dropped))
+
+    fit(callback, tmp_path, accumulate_grad_batches=1, callbacks=[callback, CompareRows()])
+    assert [g.name for g in callback.controller.width_groups] == [f"transformer.h.{i}:mlp" for i in range(4)]
+    assert unchanged_and_dropped == [(32, 32)] * (STEPS // 2) + [(0, 0)] * (STEPS // 2)
 
 
 def test_whole_module_and_csv_logger(tmp_path):

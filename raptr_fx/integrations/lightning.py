@@ -112,9 +112,11 @@ class RaPTrLightningCallback(Callback):
                              f"{len(optimizers)}; make a controller with raptr_fx.transform and call "
                              "controller.step() once per training step yourself")
         self._optimizer = unwrap_optimizer(optimizers[0])
-        # Steps after the real optimizer.step(). Gradients are released in on_before_optimizer_step:
-        # an optimizer pre-hook would fire before Lightning's closure runs the backward.
-        self._adoption.attach(self._optimizer, freeze_dropped=False)
+        # Steps after the real optimizer.step() and freezes what the controller freezes around it
+        # (dropped units, width parts not kept). Lightning's closure runs the backward inside
+        # step(), after the pre-step hook: on_before_optimizer_step, after that backward, freezes
+        # for the step again.
+        self._adoption.attach(self._optimizer, freeze_dropped=self.freeze_dropped)
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
@@ -122,7 +124,7 @@ class RaPTrLightningCallback(Callback):
         if controller is None or unwrap_optimizer(optimizer) is not self._optimizer:
             return
         if self.freeze_dropped:
-            controller.release_dropped_grads()
+            controller.freeze_for_step(self._optimizer)
         # Logged here, after the closure's forward and before optimizer.step() moves the controller
         # on: the values on a row are those of the step whose loss is on that row.
         if self.log_metrics:
