@@ -84,7 +84,7 @@ class RaPTrCallback(TrainerCallback):
                     model: nn.Module | None = None, **kwargs: Any) -> None:
         # The Trainer fixed its DDP options when it built its Accelerator, before this first
         # event, so the callback cannot turn find_unused_parameters off; it can only say so.
-        if model is not None and trainer_finds_unused_parameters(args, model):
+        if model is not None and _trainer_finds_unused_parameters(args, model):
             warnings.warn("RaPTrCallback: the Trainer will wrap the model in DDP with find_unused_parameters=True "
                           "(ddp_find_unused_parameters is None). RaPTr does not need it (skipped units get zero "
                           "gradients) and it costs a graph walk every step: pass "
@@ -178,7 +178,7 @@ class RaPTrCallback(TrainerCallback):
             state.log_history[-1].update(values)
 
 
-def trainer_finds_unused_parameters(args: TrainingArguments, model: nn.Module) -> bool:
+def _trainer_finds_unused_parameters(args: TrainingArguments, model: nn.Module) -> bool:
     """Whether the Trainer will wrap ``model`` in DDP with ``find_unused_parameters=True``.
 
     Mirrors ``Trainer._build_accelerator_args`` (transformers 5.x): left None, the option is
