@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from common import GPT, GPTConfig, ROOT, add_device_args, byte_corpus, default_init, header, set_threads, sync
 
 import raptr_fx
-from raptr_fx import FullModel, LayerDrop, ProgressiveLayerDrop, RaPTr, Stage
+from raptr_fx import FullModel, LayerDrop, ProgressiveLayerDrop, RaPTr, Stage, WidthRaPTr
 
 OUT = ROOT / "benchmarks" / "out"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -120,6 +120,14 @@ DEFAULTS_VARIANTS = {
     "pld-equal": "Progressive Layer Dropping at the same compute (gamma 5/steps, theta_bar solved)",
 }
 REWARM_STEPS = 50
+# Width-wise RaPTr (issue 14), each at RaPTr 6-8-10-12's block compute (0.75), so full-short is their
+# equal-compute baseline too. The MLP is 2/3 of a block's FLOPs here and the fused c_attn heads are
+# refused, so width cuts the MLPs only: "0.25-0.5-0.75-1" keeps 0.625 of the MLP units on average.
+WIDTH_METHODS = {
+    "width": "WidthRaPTr 0.25-0.5-0.75-1 (MLP hidden units)",
+    "depth-width": "RaPTr 9-10-11-12 x width 0.5-0.7-0.85-1 (both grow every stage)",
+}
+WIDTH_LRS = (4e-3, 8e-3, 1.6e-2)  # around the tuned LRs of full (4e-3) and raptr (8e-3)
 
 
 def mean_keep(schedule: raptr_fx.Schedule, steps: int, num_units: int = 12) -> float:
@@ -152,12 +160,28 @@ def schedule_for(method: str, steps: int) -> tuple[raptr_fx.Schedule, dict]:
         n = steps // 5
         warmup = [Stage(n, keep=1.0), *(Stage(n, active=k) for k in (4, 7, 10)), Stage(steps - 4 * n, active=12)]
         return RaPTr(warmup), {"scaling": "none"}
+    if method in ("width", "width-inverse"):
+        return WidthRaPTr("0.25-0.5-0.75-1", total_steps=steps,
+                          width_scaling="inverse" if method == "width-inverse" else "none"), {}
+    if method == "depth-width":
+        return RaPTr("9-10-11-12", total_steps=steps, width="0.5-0.7-0.85-1"), {"scaling": "none"}
     stages = method.removeprefix("raptr-")
     if not stages[:1].isdigit():
         stages = "6-8-10-12"
     sampling = "exact" if method == "raptr-exact" else "bernoulli"
     scaling = "inverse" if method == "raptr-inverse" else "none"
     return RaPTr(stages, total_steps=steps, sampling=sampling), {"scaling": scaling}
+
+
+def step_compute(ctl: raptr_fx.Controller) -> float:
+    """Share of the blocks' FLOPs this step runs: kept units, less the width parts cut inside them."""
+    shares = {b.name: b.flops_share for b in ctl.blocks}
+    kept = {b.name: k for b, k in zip(ctl.blocks, ctl.active)}
+    run = sum(share for name, share in shares.items() if kept[name])
+    for group in ctl.width_groups:
+        if kept[group.unit]:
+            run -= group.flops_share * (1 - ctl.kept_parts[group.name] / group.parts)
+    return run / sum(shares.values())
 
 
 def learning_rate(step: int, steps: int, peak: float) -> float:
@@ -227,7 +251,6 @@ def train(run: Run, data: tuple[torch.Tensor, torch.Tensor], verbose: bool = Fal
     optimizer = torch.optim.AdamW(model.parameters(), lr=run.lr, weight_decay=0.1, betas=(0.9, 0.95))
     zero_grads = run.method == "raptr-zerograd"
     ctl.attach(optimizer, freeze_dropped=not zero_grads)
-    shares = [b.flops_share for b in ctl.blocks]
     generator = torch.Generator().manual_seed(run.seed)  # the same data order for every method
     train_losses, evals, compute, elapsed = [], [], 0.0, 0.0
     for step in range(steps):
@@ -241,7 +264,7 @@ def train(run: Run, data: tuple[torch.Tensor, torch.Tensor], verbose: bool = Fal
         for group in optimizer.param_groups:
             group["lr"] = lr
         chunk = batches(train_data, run.batch, run.seq, generator).to(run.device)
-        compute += sum(s for s, k in zip(shares, ctl.active) if k) / sum(shares)
+        compute += step_compute(ctl)
         sync(run.device)
         start = time.perf_counter()
         with autocast(run):
@@ -387,6 +410,26 @@ def plan_tuned(args: argparse.Namespace) -> None:
                for name in ("A", "B", "C") for seed in VERDICT_SEEDS for m in VERDICT_METHODS]
     print(f"# phase 2: verdict, points A, B, C x seeds {VERDICT_SEEDS} ({len(verdict)} runs)", flush=True)
     execute(verdict, args)
+
+
+def plan_width(args: argparse.Namespace) -> None:
+    """Width-wise RaPTr against the tuned verdict: an LR grid for width at A (seed 0), then width and
+    depth-width at width's best setting at A, B, C x 3 seeds, seed by seed."""
+    grid = [make_run("A", "width", POINTS["A"], lr, "gpt2", 0, args) for lr in WIDTH_LRS]
+    print(f"# width grid at point A, seed 0 ({len(grid)} runs)", flush=True)
+    execute(grid, args)
+    lr, init = best_width_setting(load_results(Path(args.results)))
+    verdict = [make_run(p, m, POINTS[p], lr, init, seed, args)
+               for seed in VERDICT_SEEDS for p in ("A", "B", "C") for m in WIDTH_METHODS]
+    print(f"# width verdict at lr {lr:g}, init {init} ({len(verdict)} runs)", flush=True)
+    execute(verdict, args)
+
+
+def best_width_setting(records: dict[str, dict]) -> tuple[float, str]:
+    grid = [r for r in records.values() if r["run"]["point"] == "A" and r["run"]["method"] == "width"
+            and r["run"]["seed"] == 0 and r["run"]["lr"] in WIDTH_LRS and r["run"]["width"] == POINTS["A"].width]
+    top = min(grid, key=lambda r: finite(r["final_val"]))
+    return top["run"]["lr"], top["run"]["init"]
 
 
 def plan_defaults(args: argparse.Namespace) -> None:
@@ -702,8 +745,9 @@ def main() -> None:
     parser.add_argument("--results", default=None,
                         help=f"JSON-lines file of finished runs; appended to, and runs in it are skipped "
                              f"(default with --plan/--report: {RUNS_FILE.relative_to(ROOT)})")
-    parser.add_argument("--plan", choices=["tuned", "defaults"], default=None,
-                        help="tuned: the tuning grid then the verdict; defaults: the defaults search (after tuned)")
+    parser.add_argument("--plan", choices=["tuned", "defaults", "width"], default=None,
+                        help="tuned: the tuning grid then the verdict; defaults: the defaults search (after tuned); "
+                             "width: width-wise RaPTr's grid and verdict (after tuned)")
     parser.add_argument("--report", action="store_true", help="tables and plots of --results; runs nothing")
     args = parser.parse_args()
     set_threads(args.threads)
@@ -715,7 +759,7 @@ def main() -> None:
     print(header(args), flush=True)
     if args.plan:
         print(f"# plan {args.plan}: results in {args.results}, {args.jobs} job(s) x {args.threads} thread(s)", flush=True)
-        (plan_tuned if args.plan == "tuned" else plan_defaults)(args)
+        {"tuned": plan_tuned, "defaults": plan_defaults, "width": plan_width}[args.plan](args)
         print(tuned_report(args))
         return
     if args.quick:

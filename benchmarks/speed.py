@@ -8,6 +8,10 @@
    Target: no recompiles after the first steps (cond mode: 1 frame in all).
 Plus the headline: wall time of RaPTr 6-8-10-12 vs the full model at equal steps.
 Target: at least 22% less.
+4. Width (``--width-case``, on by default): WidthRaPTr with each MLP keeping f of its hidden units,
+   f = 0.5 and 0.75, vs the ideal line, outside + f * MLPs, where outside is measured on a copy
+   whose MLPs return zeros. Target: within 5%; overhead with f = 1 at most 2%. Also the cost of
+   freezing the parts not kept (saved and written back around optimizer.step()).
 
     python benchmarks/speed.py                 # eager and compiled, ~10 min on 2 CPU cores
     python benchmarks/speed.py --quick         # eager only, small: a smoke test
@@ -52,8 +56,7 @@ class Runner:
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         self.counter = counter or CompileCounterWithBackend("inductor")
         self.forward = torch.compile(model, backend=self.counter) if compiled else model
-        generator = torch.Generator().manual_seed(1)
-        self.batch = torch.randint(0, 256, (args.batch, args.seq + 1), generator=generator).to(args.device)
+        self.batch = base_batch(args)
 
     def step(self) -> None:
         x, y = self.batch[:, :-1], self.batch[:, 1:]
@@ -125,6 +128,66 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, float]:
     return result
 
 
+class _NoMLP(nn.Module):
+    """An MLP that computes nothing: the model outside the width groups, for the ideal line."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+
+def measure_width(args: argparse.Namespace, mode: str) -> dict[str, float]:
+    compiled = mode != "eager"
+    base = build(args)
+    outside = copy.deepcopy(base)
+    for block in outside.transformer.h:
+        block.mlp = _NoMLP()
+    counter = CompileCounterWithBackend("inductor")
+    fractions = (0.5, 0.75, 1.0)
+    stages = [raptr_fx.Stage(1, width=f) for f in fractions]
+    cut, cut_unfrozen = copy.deepcopy(base), copy.deepcopy(base)
+    example = (base_batch(args)[:, :-1],)
+    schedule = raptr_fx.WidthRaPTr(stages, width_kinds=("mlp",))
+    ctl = raptr_fx.transform(cut, schedule, example_inputs=example, compile_mode="regional")
+    ctl_unfrozen = raptr_fx.transform(cut_unfrozen, schedule, example_inputs=example)
+    runners = {"base": Runner(base, args, compiled), "outside": Runner(outside, args, compiled),
+               "cut": Runner(cut, args, compiled, counter), "unfrozen": Runner(cut_unfrozen, args, compiled)}
+    ctl.attach(runners["cut"].optimizer, step_with_optimizer=False)  # pinned to each stage below
+    ctl_unfrozen.attach(runners["unfrozen"].optimizer, freeze_dropped=False, step_with_optimizer=False)
+    for name in ("base", "outside", "unfrozen"):
+        runners[name].per_step(args.warmup)
+    for stage in range(len(fractions)):  # warm up every kept size: each compiles once
+        ctl.load_state_dict({**ctl.state_dict(), "step": stage})
+        runners["cut"].per_step(args.warmup)
+    frames_after_warmup = counter.frame_count
+    samples: dict[str, list[float]] = {k: [] for k in ("base", "outside", "f0.5", "f0.75", "f1.0", "f0.5 unfrozen")}
+    for _ in range(args.rounds):
+        samples["base"] += runners["base"].per_step(args.steps)
+        samples["outside"] += runners["outside"].per_step(args.steps)
+        for stage, f in enumerate(fractions):
+            ctl.load_state_dict({**ctl.state_dict(), "step": stage})
+            samples[f"f{f}"] += runners["cut"].per_step(args.steps)
+        ctl_unfrozen.load_state_dict({**ctl_unfrozen.state_dict(), "step": 0})
+        samples["f0.5 unfrozen"] += runners["unfrozen"].per_step(args.steps)
+    t = {k: median(v) for k, v in samples.items()}
+    mlp = t["base"] - t["outside"]
+    result = {
+        f"{mode} width f=1 overhead (all kept / untransformed)": t["f1.0"] / t["base"],
+        **{f"{mode} width f={f}: measured / ideal": t[f"f{f}"] / (t["outside"] + f * mlp) for f in (0.5, 0.75)},
+        f"{mode} width f=0.5 freezing cost (frozen / not frozen)": t["f0.5"] / t["f0.5 unfrozen"],
+        f"{mode} width MLP share of the step": mlp / t["base"],
+    }
+    if compiled:
+        result[f"{mode} width recompiles after warm-up"] = counter.frame_count - frames_after_warmup
+        result[f"{mode} width compiled frames in all (3 kept sizes)"] = counter.frame_count
+    print(f"{mode} width: median step ms " + ", ".join(f"{k}={1000 * v:.1f}" for k, v in t.items()), flush=True)
+    return result
+
+
+def base_batch(args: argparse.Namespace) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    return torch.randint(0, 256, (args.batch, args.seq + 1), generator=generator).to(args.device)
+
+
 def run_ctl_step(runner: Runner, ctl: raptr_fx.Controller, steps: int) -> list[float]:
     times = []
     for _ in range(steps):
@@ -146,15 +209,21 @@ def main() -> None:
     parser.add_argument("--schedule-steps", type=int, default=40, help="steps of the whole-schedule run")
     parser.add_argument("--modes", default="eager,compiled,compiled-cond",
                         help="eager, compiled (regional gates, the default) and/or compiled-cond")
+    parser.add_argument("--cases", default="depth,width", help="depth (cases 1-3 and the headline) and/or width")
     args = parser.parse_args()
     if args.quick:
         args.width, args.batch, args.seq, args.steps, args.rounds = 64, 4, 32, 3, 2
         args.schedule_steps, args.modes = 12, "eager"
     print(header(args), flush=True)
     results: dict[str, float] = {}
+    cases = args.cases.split(",")
     for mode in args.modes.split(","):
-        results.update(measure(args, mode))
-    print("\nratios (targets: overhead <= 1.02, k/ideal <= 1.05, RaPTr/full <= 0.78, recompiles == 0)")
+        if "depth" in cases:
+            results.update(measure(args, mode))
+        if "width" in cases and mode != "compiled-cond":  # width cuts have no cond mode: they never branch
+            results.update(measure_width(args, mode))
+    print("\nratios (targets: overhead <= 1.02, k/ideal <= 1.05, RaPTr/full <= 0.78, recompiles == 0; "
+          "width: f=1 overhead <= 1.02, f/ideal <= 1.05)")
     for name, value in results.items():
         print(f"  {name:<62} {value:.3f}" if isinstance(value, float) else f"  {name:<62} {value}")
 

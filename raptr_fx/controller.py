@@ -50,7 +50,7 @@ class Controller:
         self.scaling = _scaling_function(scaling)
         self._state = GateState(len(self.blocks), compile_mode, compile_options)
         self._cuts = CutState(self.width_groups)
-        self._frozen_parts = FrozenParts(model, self._cuts)
+        self._frozen_parts = FrozenParts(model, self._cuts, lambda: set(self.active_blocks))
         self._hooks: list[Any] = []
         self._stepping_with: torch.optim.Optimizer | None = None
         self._step = 0

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import RaptrError
 from .width import Projection, WidthGroup, projection_of
 
 __all__ = ["CutForward", "CutState", "install_cuts", "remove_cuts", "FrozenParts", "kept_indices"]
@@ -160,25 +161,28 @@ def trial_cuts(model: nn.Module, groups: Sequence[WidthGroup]) -> Iterator[None]
 class FrozenParts:
     """Saves the rows and columns of parts not kept before ``optimizer.step()`` and writes them
     back after it: parameters and every optimizer state tensor of the parameter's shape (Adam's
-    moments, SGD's momentum). Parameters without a gradient (a unit dropped whole) are skipped:
-    the optimizer leaves them alone already."""
+    moments, SGD's momentum). Groups in a unit dropped whole this step are skipped: the optimizer
+    leaves those parameters alone already. The choice rests on the step's decisions, not on
+    gradients, so an optimizer whose ``step(closure)`` runs the backward is handled too."""
 
-    def __init__(self, model: nn.Module, state: CutState):
+    def __init__(self, model: nn.Module, state: CutState, running_units: Callable[[], set[str]]):
         self.model = model
         self.state = state
-        self.saved: list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor, dict[str, torch.Tensor | None]]] = []
+        self.running_units = running_units
+        self.saved: list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]] = []
 
     def slices(self) -> Iterator[tuple[torch.Tensor, int, torch.Tensor]]:
         """(parameter, dim, indices not kept) for every cut parameter of this step."""
         modules = dict(self.model.named_modules())
+        running = self.running_units()
         for g, (group, kept) in enumerate(zip(self.state.groups, self.state.kept)):
-            if kept is None:
+            if kept is None or group.unit not in running:
                 continue
             dropped = sorted(set(range(group.parts)) - set(kept))
             for position, name in enumerate(group.modules):
                 module = modules[name]
                 weight = module.weight
-                if weight.grad is None or not module.training:
+                if not module.training:  # eval mode ran the whole projection: its gradient is real
                     continue
                 index = kept_indices(dropped, group.part_widths[position], weight.device)
                 transposed = projection_of(name, module).transposed
@@ -191,15 +195,18 @@ class FrozenParts:
     def save(self, optimizer: torch.optim.Optimizer) -> None:
         self.saved.clear()
         for param, dim, index in self.slices():
-            states = {key: (value.index_select(dim, index) if value is not None else None)
-                      for key, value in _shaped_state(optimizer, param).items()}
+            if type(param).__name__ == "DTensor" or type(param.data).__name__ == "DTensor":
+                raise RaptrError("freezing the width parts not kept is not supported for sharded (FSDP2) "
+                                 "parameters yet: attach(optimizer, freeze_dropped=False), or train width-wise "
+                                 "without fully_shard")
+            states = {key: value.index_select(dim, index) for key, value in _shaped_state(optimizer, param).items()}
             self.saved.append((param, dim, index, param.detach().index_select(dim, index), states))
 
     def restore(self, optimizer: torch.optim.Optimizer) -> None:
         with torch.no_grad():
             for param, dim, index, value, states in self.saved:
                 param.index_copy_(dim, index, value)
-                for key, tensor in _shaped_state(optimizer, param, created=True).items():
+                for key, tensor in _shaped_state(optimizer, param).items():
                     before = states.get(key)
                     # State made by this very step (the first one) starts at zero for parts not kept.
                     tensor.index_copy_(dim, index, before if before is not None else torch.zeros_like(
@@ -207,7 +214,7 @@ class FrozenParts:
         self.saved.clear()
 
 
-def _shaped_state(optimizer: torch.optim.Optimizer, param: torch.Tensor,
-                  created: bool = False) -> dict[str, torch.Tensor]:
-    state = optimizer.state.get(param, {}) if not created else optimizer.state[param]
+def _shaped_state(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The optimizer's state tensors of ``param`` shaped like it (``.get``: no entry is created)."""
+    state = optimizer.state.get(param, {})
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and v.shape == param.shape}

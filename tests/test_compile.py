@@ -46,3 +46,31 @@ def test_multi_stage_run_never_recompiles_and_matches_eager(compile_mode):
     else:
         gates = [block.forward for block in model.transformer.h]
         assert all(g.compiled_forward is not None for g in gates)  # every unit ran compiled
+
+
+def test_width_run_compiles_once_per_kept_size_and_matches_eager():
+    from raptr_fx import WidthRaPTr
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = GPT(n_layer=2)
+    counter = CompileCounterWithBackend("inductor")
+    ctl = transform(model, WidthRaPTr("0.5-0.75-1", total_steps=9), seed=1, example_inputs=tokens())
+    compiled = torch.compile(model, backend=counter)
+    frames_per_stage = []
+    for step in range(9):
+        compiled_loss = compiled(*tokens()).pow(2).mean()
+        compiled_loss.backward()
+        grad = model.transformer.h[0].mlp.c_fc.weight.grad.clone()
+        model.zero_grad(set_to_none=True)
+        eager_loss = model(*tokens()).pow(2).mean()
+        eager_loss.backward()
+        torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(grad, model.transformer.h[0].mlp.c_fc.weight.grad, rtol=1e-3, atol=1e-5)
+        model.zero_grad(set_to_none=True)
+        if step % 3 == 2:
+            frames_per_stage.append(counter.frame_count)
+        ctl.step()
+    # One compile per distinct kept size (32, 48, all), none within a stage.
+    assert frames_per_stage[-1] <= 3, frames_per_stage
+    assert frames_per_stage == sorted(frames_per_stage)

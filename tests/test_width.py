@@ -207,6 +207,27 @@ def test_without_freezing_parts_not_kept_would_move():
     assert not torch.equal(before, model.model.layers[0].mlp.up_proj.weight[dropped])
 
 
+def test_closure_optimizer_keeps_parts_not_kept_with_attach_alone():
+    """step(closure) runs the backward inside the step: the freeze must not depend on gradients."""
+    model = GPT(n_layer=1)
+    ctl = transform(model, WidthRaPTr("0.5-1", total_steps=4), example_inputs=tokens())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    ctl.attach(optimizer)
+    for _ in range(2):
+        dropped = sorted(set(range(64)) - set(ctl._cuts.kept[0]))
+        weight = model.transformer.h[0].mlp.c_fc.weight
+        before = weight[dropped].clone()
+
+        def closure():
+            optimizer.zero_grad()
+            loss = model(*tokens()).pow(2).mean()
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        assert torch.equal(before, weight[dropped])
+
+
 # -- schedules, controller ---------------------------------------------------------------------------
 def test_resume_replays_identical_width_decisions():
     def run(resume_at=None):
