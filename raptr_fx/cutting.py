@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import RaptrError
 from .width import Projection, WidthGroup, projection_of
 
 __all__ = ["CutForward", "CutState", "install_cuts", "remove_cuts", "FrozenParts", "kept_indices"]
@@ -195,23 +194,47 @@ class FrozenParts:
     def save(self, optimizer: torch.optim.Optimizer) -> None:
         self.saved.clear()
         for param, dim, index in self.slices():
-            if type(param).__name__ == "DTensor" or type(param.data).__name__ == "DTensor":
-                raise RaptrError("freezing the width parts not kept is not supported for sharded (FSDP2) "
-                                 "parameters yet: attach(optimizer, freeze_dropped=False), or train width-wise "
-                                 "without fully_shard")
-            states = {key: value.index_select(dim, index) for key, value in _shaped_state(optimizer, param).items()}
-            self.saved.append((param, dim, index, param.detach().index_select(dim, index), states))
+            local, local_index = _local(param, dim, index)
+            states = {key: _local(value, dim, index)[0].index_select(dim, local_index)
+                      for key, value in _shaped_state(optimizer, param).items()}
+            self.saved.append((param, dim, index, local.detach().index_select(dim, local_index), states))
 
     def restore(self, optimizer: torch.optim.Optimizer) -> None:
         with torch.no_grad():
             for param, dim, index, value, states in self.saved:
-                param.index_copy_(dim, index, value)
+                local, local_index = _local(param, dim, index)
+                local.index_copy_(dim, local_index, value)
                 for key, tensor in _shaped_state(optimizer, param).items():
+                    local_state = _local(tensor, dim, index)[0]
                     before = states.get(key)
                     # State made by this very step (the first one) starts at zero for parts not kept.
-                    tensor.index_copy_(dim, index, before if before is not None else torch.zeros_like(
-                        tensor.index_select(dim, index)))
+                    local_state.index_copy_(dim, local_index, before if before is not None else torch.zeros_like(
+                        local_state.index_select(dim, local_index)))
         self.saved.clear()
+
+
+def _local(tensor: torch.Tensor, dim: int, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tensor this rank holds, and ``index`` (global positions along ``dim``) within it.
+
+    A plain tensor is its own. An FSDP2 parameter (or its optimizer state) is a DTensor sharded
+    along dim 0: each rank writes back the rows it holds; a dimension it holds whole (a consumer's
+    columns) keeps its global indices.
+    """
+    try:
+        from torch.distributed.tensor import DTensor
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    except ImportError:  # a torch built without distributed support
+        return tensor, index
+    if not isinstance(tensor, DTensor):
+        return tensor, index
+    local = tensor._local_tensor  # shares storage with the parameter: writes land in the shard
+    if not any(p.is_shard(dim) for p in tensor.placements):
+        return local, index
+    _, offsets = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
+    start, rows = offsets[dim], local.shape[dim]
+    index = index.to(local.device)
+    inside = index[(index >= start) & (index < start + rows)]
+    return local, inside - start
 
 
 def _shaped_state(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict[str, torch.Tensor]:

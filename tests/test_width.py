@@ -329,3 +329,61 @@ def test_ddp_ranks_agree_on_width_cuts(tmp_path):
     assert ranks[0]["decisions"] == ranks[1]["decisions"]
     assert all(ranks[0]["frozen"])
     assert ranks[0]["checksum"] == ranks[1]["checksum"]
+
+
+# -- FSDP2 ---------------------------------------------------------------------------------------------
+def _width_train(model, ctl, inputs) -> tuple[list, list]:
+    """6 SGD steps (as in test_fsdp: Adam would amplify reduction-order noise); the kept parts of layer
+    0's MLP per step, and whether its parts not kept stayed bitwise unchanged."""
+    from torch.distributed.tensor import DTensor
+
+    full = lambda p: (p.full_tensor() if isinstance(p, DTensor) else p).detach()  # noqa: E731
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    ctl.attach(optimizer)
+    kept, frozen = [], []
+    mlp = model.transformer.h[0].mlp
+    for step in range(6):
+        parts = ctl._cuts.kept[0]
+        kept.append(parts)
+        dropped = [] if parts is None else sorted(set(range(64)) - set(parts))
+        before = (full(mlp.c_fc.weight)[dropped].clone(), full(mlp.c_proj.weight)[:, dropped].clone())
+        idx = inputs(step)
+        torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), idx.flatten()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        frozen.append(torch.equal(before[0], full(mlp.c_fc.weight)[dropped])
+                      and torch.equal(before[1], full(mlp.c_proj.weight)[:, dropped]))
+    return kept, frozen
+
+
+def _width_batch(rank: int, step: int) -> torch.Tensor:
+    return torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1000 * rank + step))
+
+
+def _fsdp_worker(rank: int, out_dir: str) -> dict:
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    torch.manual_seed(0)
+    model = GPT(n_layer=2)
+    ctl = transform(model, WidthRaPTr("0.5-0.75-1", total_steps=6), seed=4, example_inputs=tokens())
+    for block in model.transformer.h:
+        fully_shard(block)
+    fully_shard(model)
+    kept, frozen = _width_train(model, ctl, lambda step: _width_batch(rank, step))
+    return {"kept": kept, "frozen": frozen, "sharded": all(isinstance(p, DTensor) for p in model.parameters()),
+            "final": [(p.full_tensor() if isinstance(p, DTensor) else p).detach().tolist() for p in model.parameters()]}
+
+
+@pytest.mark.slow
+def test_fsdp2_width_cuts_match_a_single_process_run(tmp_path):
+    ranks = run_ranks(_fsdp_worker, tmp_path)
+    torch.manual_seed(0)
+    model = GPT(n_layer=2)
+    ctl = transform(model, WidthRaPTr("0.5-0.75-1", total_steps=6), seed=4, example_inputs=tokens())
+    kept, frozen = _width_train(model, ctl, lambda step: torch.cat([_width_batch(r, step) for r in range(2)]))
+    assert ranks[0]["kept"] == ranks[1]["kept"] == kept and kept[0] is not None
+    assert all(r["sharded"] for r in ranks) and all(frozen)
+    assert all(ranks[0]["frozen"]) and all(ranks[1]["frozen"]), "parts not kept moved under FSDP2"
+    for got, want in zip(ranks[0]["final"], model.parameters()):
+        torch.testing.assert_close(torch.tensor(got), want.detach(), rtol=1e-4, atol=1e-5)
