@@ -28,7 +28,7 @@ from torch import fx, nn
 from .errors import RaptrError
 from .probe import Call, Probe, probe
 from .residuals import Residual, dataflow_graph, find_residuals
-from .skipping import ObservedOutput, OutputSlot, UnitFacts, judge
+from .skipping import ObservedOutput, OutputSlot, UnitFacts, judge, shared_reason
 from .tracing import ExampleInputs, TracedModel, normalize_example_inputs, trace
 from .untouched import class_forward, untouched
 
@@ -303,6 +303,9 @@ class _Grouping:
         flops = None
         if self.measured is not None and self.measured.total_flops:
             flops = self.measured.flops.get(name, 0) / self.measured.total_flops
+        if name not in self.regions:  # only a later call (``name@1``) of a shared module holds the adds
+            calls = max(self.traced.call_counts.get(name, 2), 2)
+            return Block(name, index, drop, type(module).__name__, params, flops, False, shared_reason(calls))
         verdict = judge(self.facts(name, module, drop, residuals))
         return Block(name, index, drop, type(module).__name__, params, flops, verdict.reason is None,
                      verdict.reason, verdict.stream_position, verdict.stream_name,
@@ -344,7 +347,9 @@ class _Grouping:
         return seen
 
     def indexed(self, name: str) -> bool:
-        return any(user.op == "call_function" and user.target is operator.getitem
+        """A leaf module's result (one opaque node) that its caller indexes: a container.
+        A traced module's tensor result sliced by its caller (``x[:, 0]``) is still a tensor."""
+        return any(node.op == "call_module" and user.op == "call_function" and user.target is operator.getitem
                    for node in self.outputs(name) for user in node.users)
 
     def unread_outputs(self, name: str, output: ObservedOutput | None) -> frozenset[int | str]:
@@ -475,8 +480,19 @@ def _shape(node: fx.Node) -> tuple[int, ...] | None:
 
 
 def no_blocks_error(discovery: Discovery) -> RaptrError:
+    """No unit can be dropped: either no residual unit was found, or every one was refused (say why)."""
+    refused = [b for b in discovery.blocks if not b.droppable]
+    if not refused:
+        return RaptrError(
+            f"{discovery.model_type} has no droppable residual blocks (traced with {discovery.tracer}). "
+            "RaPTr needs residual connections x + f(x); concatenation skips (U-Net, DenseNet) do not qualify. "
+            "Run `raptr-fx graph` to see what was traced."
+        )
+    shown = 6
+    lines = "\n".join(f"  - {b.name}: {b.reason}" for b in refused[:shown])
+    more = f"\n  - ... and {len(refused) - shown} more" if len(refused) > shown else ""
     return RaptrError(
-        f"{discovery.model_type} has no droppable residual blocks (traced with {discovery.tracer}). "
-        "RaPTr needs residual connections x + f(x); concatenation skips (U-Net, DenseNet) do not qualify. "
-        "Run `raptr-fx graph` to see what was traced."
+        f"{discovery.model_type} has no droppable residual blocks: all {len(refused)} residual units found "
+        f"were refused (traced with {discovery.tracer}):\n{lines}{more}\n"
+        "Run `raptr-fx inspect` to see every unit and its reason."
     )

@@ -23,7 +23,7 @@ from typing import Any, Callable, Literal
 import torch
 from torch import fx, nn
 
-__all__ = ["OutputSlot", "Leaf", "ObservedOutput", "UnitFacts", "Verdict", "observe", "judge",
+__all__ = ["OutputSlot", "Leaf", "ObservedOutput", "UnitFacts", "Verdict", "observe", "judge", "shared_reason",
            "stream_output", "with_stream_output", "skipped_output"]
 
 _CONSTANT_TYPES = (bool, int, float, str)
@@ -127,8 +127,7 @@ class Verdict:
 def judge(facts: UnitFacts) -> Verdict:
     """Can this unit be skipped, and how is its output rebuilt when it is?"""
     if facts.calls > 1:
-        return Verdict(f"called {facts.calls} times per forward (shared weights): "
-                       "one gate cannot tell the calls apart")
+        return Verdict(shared_reason(facts.calls))
     if facts.drop == "identity" and facts.projection is not None:
         where = f" ({', '.join(facts.projection)})" if facts.projection else ""
         shapes = _shape_change(facts, _stream_shape(facts, None))
@@ -163,6 +162,10 @@ def judge(facts: UnitFacts) -> Verdict:
     slots = tuple(_slot(facts.module, leaf, leaf is stream_leaf, leaf.key in facts.unread)
                   for leaf in output.leaves)
     return Verdict(None, position, name, output.container, slots)
+
+
+def shared_reason(calls: int) -> str:
+    return f"called {calls} times per forward (shared weights): one gate cannot tell the calls apart"
 
 
 def _stream_leaf(facts: UnitFacts, output: ObservedOutput) -> Leaf | None:

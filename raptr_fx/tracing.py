@@ -13,8 +13,10 @@ raptr_fx only sees :class:`TracedModel`, never which tracer made it.
 from __future__ import annotations
 
 import math
+import traceback
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterable
 
 import torch
@@ -249,8 +251,22 @@ def _through_parameter_expressions(graph: fx.Graph, param_uses: dict[fx.Node, fr
 
 
 def _first_line(exc: BaseException) -> str:
+    """The error's first line and where in the model's own code it was raised."""
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
+    line = f"{type(exc).__name__}: {text[0] if text else ''}".strip()
+    frame = _model_frame(exc)
+    if frame is not None:
+        code = f" ({frame.line.strip()})" if frame.line else ""
+        line += f" at {Path(frame.filename).name}:{frame.lineno}{code}"
+    return line
+
+
+def _model_frame(exc: BaseException) -> traceback.FrameSummary | None:
+    """The innermost frame outside torch and raptr_fx: the model code the tracer stopped at."""
+    skip = (str(Path(torch.__file__).parent), str(Path(__file__).parent))
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not f.filename.startswith(skip) and "<" not in f.filename]
+    return frames[-1] if frames else None
 
 
 def trace(
@@ -275,9 +291,11 @@ def trace(
     else:
         failures.append("torch.export (non-strict): skipped, needs example inputs")
     reasons = "\n".join(f"  - {line}" for line in failures)
+    # The first line says why: the last tracer tried with inputs, the symbolic tracer without.
+    main = failures[-1] if example_inputs is not None else failures[0]
     # With example inputs, the model already ran on them (the probe): the tracers are what failed.
     fix = ("mark the module that fails as a leaf (leaf_modules=[ThatModule]), or simplify the "
            "Python control flow that torch.export reports" if example_inputs is not None else
            "pass example inputs (find_blocks(model, example_inputs=...) or --input-shape), "
            "or mark the module that fails as a leaf (leaf_modules=[ThatModule])")
-    raise TracingError(f"could not trace {type(model).__name__}:\n{reasons}\nFix: {fix}.")
+    raise TracingError(f"could not trace {type(model).__name__}: {main}\n{reasons}\nFix: {fix}.")

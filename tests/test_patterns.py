@@ -1,0 +1,172 @@
+"""Residual patterns of issue 13, through the public API: what is a unit, what is refused and why."""
+
+import copy
+
+import pytest
+import torch
+
+import raptr_fx
+from raptr_fx import FullModel, find_blocks, transform
+from raptr_fx.skipping import OutputSlot
+from tests.fixtures import patterns
+from tests.fixtures.models import features
+
+BOTH = pytest.mark.parametrize("with_inputs", [False, True], ids=["symbolic", "with-inputs"])
+
+
+def inputs_or_none(with_inputs):
+    return features() if with_inputs else None
+
+
+@BOTH
+def test_identity_module_shortcut_and_scale_keep_the_stream(with_inputs):
+    blocks = find_blocks(patterns.IdentityShortcutStack(), inputs_or_none(with_inputs))
+    assert [(b.name, b.drop, b.droppable) for b in blocks] == [
+        (f"layers.{i}", "identity", True) for i in range(3)]
+
+
+@BOTH
+@pytest.mark.parametrize("factory, after, weights", [
+    (patterns.ViewLayerScale, True, "gamma"),
+    (patterns.ParentNorm, False, "norms.0.bias, norms.0.weight"),
+    (patterns.ParentStandardizedWeight, False, "weights"),
+], ids=["layer scale through view", "parent norm", "standardized weight"])
+def test_zero_units_running_weights_outside_are_refused(factory, after, weights, with_inputs):
+    blocks = find_blocks(factory(), inputs_or_none(with_inputs))
+    assert blocks and not any(b.droppable for b in blocks)
+    reason = blocks[0].reason
+    assert reason.startswith(f"the branch also runs weights outside {blocks[0].name} ")
+    assert f"({weights})" in reason
+    expected = "on its zeros and keep training" if after else "for nothing and not be frozen with it"
+    assert expected in reason
+    with pytest.raises(raptr_fx.RaptrError, match="no droppable"):
+        transform(factory(), FullModel(), example_inputs=inputs_or_none(with_inputs))
+
+
+def test_a_branch_owning_its_layer_scale_is_a_zero_unit():
+    model = patterns.OwnLayerScaleStack()
+    reference = copy.deepcopy(model)
+    ctl = transform(model, FullModel(), example_inputs=features())
+    assert [(b.name, b.drop) for b in ctl.blocks] == [("branches.0", "zero"), ("branches.1", "zero")]
+    ctl._state.set([False, True], [1.0, 1.0])
+    x = features()[0]
+    out = model(x)
+    assert torch.equal(out, x + reference.branches[1](x))
+    out.sum().backward()
+    assert all(p.grad is None for p in model.branches[0].parameters())
+
+
+@pytest.mark.parametrize("factory", [patterns.UnreadWeightsStack, patterns.DataDependentUnread],
+                         ids=["torch.fx", "torch.export"])
+def test_unread_attention_weights_are_rebuilt_as_none(factory):
+    model = factory()
+    discovery = raptr_fx.discover(model, features())
+    assert discovery.tracer == ("torch.fx" if factory is patterns.UnreadWeightsStack else "torch.export")
+    assert [b.name for b in discovery.droppable] == ["layers.0", "layers.1", "layers.2"]
+    assert discovery.blocks[0].output_slots == (OutputSlot(0, "stream"), OutputSlot(1, "unread"))
+    reference = copy.deepcopy(model)
+    ctl = transform(model, FullModel(), example_inputs=features())
+    ctl._state.set([True, False, True], [1.0] * 3)
+    x = features()[0]
+    assert model.layers[1](x) == (x, None)  # the skipped layer's (stream, None)
+    expected = reference.layers[2](reference.layers[0](x)[0])[0]
+    assert torch.equal(model(x), expected)
+
+
+def test_read_attention_weights_still_refuse_the_layer():
+    # TupleStack's caller reads the weights: they are computed and used, so the layer stays.
+    from tests.fixtures.models import TupleStack
+
+    blocks = {b.name: b for b in find_blocks(TupleStack(), features())}
+    assert not blocks["weights"].droppable and "is computed inside weights" in blocks["weights"].reason
+
+
+def module_state(model):
+    """Every module's __dict__ entries by identity, the contents of its dict caches, buffers and hooks."""
+    state = {}
+    for name, module in model.named_modules():
+        entries = {k: id(v) for k, v in vars(module).items()}
+        caches = {k: dict(v) for k, v in vars(module).items() if type(v) is dict}
+        hooks = [list(module._forward_hooks), list(module._forward_pre_hooks), list(module._backward_hooks)]
+        buffers = {k: v.clone() for k, v in module._buffers.items()}
+        state[name] = (entries, caches, hooks, buffers)
+    return state
+
+
+def assert_same_state(before, after):
+    assert before.keys() == after.keys()
+    for name in before:
+        entries, caches, hooks, buffers = before[name]
+        assert after[name][0] == entries, name
+        assert after[name][1] == caches, name
+        assert after[name][2] == hooks, name
+        assert after[name][3].keys() == buffers.keys() and all(
+            torch.equal(v, after[name][3][k]) for k, v in buffers.items()), name
+
+
+@pytest.mark.parametrize("example", [None, features()], ids=["torch.fx", "with-inputs"])
+def test_discovery_and_transform_leave_a_caching_model_as_it_was(example):
+    from raptr_fx.probe import probe
+    from raptr_fx.tracing import normalize_example_inputs
+
+    model = patterns.CachingStack()
+    model.layers[0].register_forward_hook(lambda *_: None)
+    if example is not None:
+        model(*example)  # caches filled by a real call, as after a first training step
+    before = module_state(model)
+    for _ in range(2):  # a second discovery would fail on proxies or fakes left by the first
+        blocks = find_blocks(model, example)
+        assert [b.name for b in blocks if b.droppable] == ["layers.0", "layers.1", "layers.2"]
+        assert_same_state(before, module_state(model))
+    if example is not None:  # the real pass (the probe's fallback) leaves nothing either
+        assert probe(model, normalize_example_inputs(example), mode="real").mode == "real"
+        assert_same_state(before, module_state(model))
+    ctl = transform(model, FullModel(), example_inputs=example)
+    ctl.remove()
+    assert_same_state(before, module_state(model))
+
+
+def test_an_instance_forward_wrapper_is_looked_through():
+    # torch.export and the probe call the instance forward; under its bf16 autocast the
+    # stream is cast inside each layer, and no layer looks residual.
+    model = patterns.wrap_forward(patterns.ShapeBranchGPT())
+    wrapper = model.forward
+    discovery = raptr_fx.discover(model, features())
+    assert discovery.tracer == "torch.export"
+    assert [b.name for b in discovery.droppable] == ["blocks.0", "blocks.1"]
+    assert model.forward is wrapper  # put back
+
+    # A forward override that does not declare it wraps the class's is the model's own: traced as is.
+    model = patterns.ShapeBranchGPT()
+    model.forward = lambda x: x * 2
+    assert find_blocks(model, features()) == []
+
+
+def test_no_blocks_error_names_the_refused_units():
+    from raptr_fx.discovery import no_blocks_error
+    from tests.fixtures.models import LoopTransformer, tokens
+
+    message = str(no_blocks_error(raptr_fx.discover(LoopTransformer(), tokens())))
+    assert message.startswith("LoopTransformer has no droppable residual blocks: all 4 residual units found "
+                              "were refused (traced with torch.fx):\n  - attns.0: the branch also runs weights "
+                              "outside attns.0 that only it uses (ln1.0.bias, ln1.0.weight)")
+    assert "concatenation skips" not in message  # it has residuals; they were refused
+
+
+def test_tracing_error_says_why_on_its_first_line():
+    class ReadsAValue(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(16, 16)
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent: neither tracer can follow it
+                x = x + self.fc(x)
+            return x
+
+    with pytest.raises(raptr_fx.TracingError) as info:
+        find_blocks(ReadsAValue(), features())
+    first = str(info.value).splitlines()[0]
+    assert first.startswith("could not trace ReadsAValue: torch.export (non-strict): ")
+    assert first.endswith("at test_patterns.py:" + str(ReadsAValue.forward.__code__.co_firstlineno + 1)
+                          + " (if x.sum() > 0:  # data-dependent: neither tracer can follow it)")
