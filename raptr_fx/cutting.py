@@ -73,8 +73,14 @@ class CutForward:
     def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if not self.module.training or self.state.kept[self.group] is None:
             return self.original(x, *args, **kwargs)
-        return cut_linear(x, self.module.weight, self.module.bias, self.state.index[self.group, self.position],
-                          producer=self.producer, transposed=self.projection.transposed,
+        weight = self.module.weight
+        key = (self.group, self.position)
+        index = self.state.index[key]
+        if index.device != weight.device:  # moved since the draw (meta-device init, .to()): follow it once
+            width = self.state.groups[self.group].part_widths[self.position]
+            index = self.state.index[key] = kept_indices(self.state.kept[self.group], width, weight.device)
+        return cut_linear(x, weight, self.module.bias, index, producer=self.producer,
+                          transposed=self.projection.transposed,
                           scale=self.state.scale[self.group] if self.scaled else 1.0)
 
 

@@ -228,6 +228,28 @@ def test_closure_optimizer_keeps_parts_not_kept_with_attach_alone():
         assert torch.equal(before, weight[dropped])
 
 
+def test_meta_device_init_and_assign_loading_are_followed():
+    with torch.device("meta"):
+        model = GPT(n_layer=2)
+    ctl = transform(model, WidthRaPTr("0.5-1", total_steps=4), example_inputs=tokens())
+    model.to_empty(device="cpu")
+    for module in model.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    fresh = GPT(n_layer=2).state_dict()
+    model.load_state_dict(fresh, assign=True)  # new parameter objects again (sharing fresh's storage)
+    fresh = {k: v.clone() for k, v in fresh.items()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    ctl.attach(optimizer)
+    dropped = sorted(set(range(64)) - set(ctl._cuts.kept[0]))
+    model(*tokens()).pow(2).mean().backward()
+    optimizer.step()
+    weight = model.transformer.h[0].mlp.c_fc.weight
+    assert weight is model.get_parameter("transformer.h.0.mlp.c_fc.weight") and weight.grad is not None
+    assert torch.equal(weight[dropped], fresh["transformer.h.0.mlp.c_fc.weight"][dropped])
+    assert not torch.equal(weight, fresh["transformer.h.0.mlp.c_fc.weight"])
+
+
 # -- schedules, controller ---------------------------------------------------------------------------
 def test_resume_replays_identical_width_decisions():
     def run(resume_at=None):
