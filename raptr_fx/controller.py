@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from .cutting import CutForward, CutState, FrozenParts, install_cuts, remove_cuts
+from .cutting import Cut, CutState, FrozenParts, install_cuts, is_cut, remove_cuts
 from .discovery import Block, Discovery, discover, no_blocks_error
 from .errors import RaptrError
 from .gates import CompileMode, GatedForward, GateState, check_compile_mode, install_gate, remove_gates
@@ -57,7 +57,7 @@ class Controller:
         modules = dict(model.named_modules())
         self._consumers = [modules[g.consumer] for g in self.width_groups]
         self._gates: list[GatedForward] = []
-        self._cut_forwards: list[CutForward] = []
+        self._cut_forwards: list[Cut] = []
         try:  # all or nothing: a failure leaves no gate behind
             if schedule.gates_depth:
                 for i, b in enumerate(self.blocks):
@@ -304,7 +304,7 @@ def _refuse_wrapped(model: nn.Module) -> None:
     if _fully_sharded(model):
         raise RaptrError("the model is already sharded with fully_shard (FSDP2): transform before fully_shard, "
                          "i.e. raptr_fx.transform(model, ...), then fully_shard each unit and the root")
-    if any(isinstance(m.__dict__.get("forward"), (GatedForward, CutForward)) for m in model.modules()):
+    if any(isinstance(m.__dict__.get("forward"), GatedForward) or is_cut(m) for m in model.modules()):
         raise RaptrError("the model is already transformed: call controller.remove() "
                          "(or raptr_fx.restore(model)) before transforming it again")
 

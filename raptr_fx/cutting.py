@@ -1,7 +1,8 @@
 """Width cuts: projections that compute only the kept hidden units or heads of a step.
 
 A cut replaces ``forward`` on the projection instances of a :class:`~raptr_fx.width.WidthGroup`
-(the class, parameters and state_dict keys are untouched, like the depth gates):
+(and keeps its state beside it, as ``_raptr_cut``); the class, parameters and state_dict keys are
+untouched, like the depth gates:
 
 * a producer computes only the kept rows: ``linear(x, W[kept], b[kept])``;
 * the consumer reads only the kept columns: ``linear(h, W[:, kept]) * scale + b``.
@@ -17,6 +18,7 @@ optimizer state back after ``optimizer.step()``.
 from __future__ import annotations
 
 import contextlib
+import types
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -25,26 +27,63 @@ from torch import nn
 
 from .width import Projection, WidthGroup, projection_of
 
-__all__ = ["CutForward", "CutState", "install_cuts", "remove_cuts", "FrozenParts", "kept_indices"]
+__all__ = ["Cut", "CutState", "install_cuts", "remove_cuts", "is_cut", "FrozenParts", "kept_indices", "trial_cuts"]
+
+
+class Cut:
+    """What one cut projection reads at call time, kept on the module as ``_raptr_cut``.
+
+    Under ``torch.compile`` every unit's graph reads the same fields: flags that are equal for the
+    same projection of every unit, and the kept indices as a tensor (a graph input). Nothing here is
+    a per-unit number, which would be a guard, so units of one class share one compiled graph.
+    """
+
+    def __init__(self, module: nn.Module, projection: Projection, producer: bool, width: int, scaled: bool,
+                 always: bool = False):
+        self.module = module
+        self.transposed = projection.transposed
+        self.producer = producer
+        self.width = width  # rows (producer) or columns (consumer) one part spans
+        self.scaled = scaled and not producer
+        self.always = always  # the proof on fake tensors: cut whatever the training flag says
+        self.kept: list[int] | None = None  # this step's kept parts; None: every part runs
+        self.index: torch.Tensor | None = None  # their rows or columns, on the weight's device
+        self.scale = 1.0
+        self.original: Callable[..., Any] = module.forward
+        self.instance_forward = module.__dict__.get("forward")  # the user's own override, if any
+
+    def set(self, kept: list[int] | None, scale: float, device: torch.device) -> None:
+        self.kept = kept
+        self.index = None if kept is None else kept_indices(kept, self.width, device)
+        self.scale = scale if self.scaled else 1.0
+
+
+def _cut_forward(module: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """Stands in for a projection's ``forward`` (bound to it); see the module docstring."""
+    cut: Cut = module._raptr_cut
+    if cut.index is None or not (module.training or cut.always):
+        return cut.original(x, *args, **kwargs)
+    weight = module.weight
+    if cut.index.device != weight.device:  # moved since the draw (meta-device init, .to()): follow it
+        cut.index = kept_indices(cut.kept, cut.width, weight.device)
+    return cut_linear(x, weight, module.bias, cut.index, producer=cut.producer, transposed=cut.transposed,
+                      scale=cut.scale)
 
 
 class CutState:
-    """The kept parts of every group for one step, shared by all cut forwards of a model."""
+    """The kept parts of every group for one step, pushed to each group's cuts."""
 
     def __init__(self, groups: Sequence[WidthGroup]):
         self.groups = list(groups)
         self.kept: list[list[int] | None] = [None] * len(self.groups)  # None: every part runs
-        self.scale: list[float] = [1.0] * len(self.groups)
-        # (group, module position) -> kept row/column indices on the weight's device; rebuilt on set().
-        self.index: dict[tuple[int, int], torch.Tensor | None] = {}
+        self.cuts: list[list[Cut]] = [[] for _ in self.groups]  # per group, in module order
 
     def set(self, kept: list[list[int] | None], scale: list[float], devices: Sequence[torch.device]) -> None:
         """This step's kept parts per group (None: all), consumer scales, and each group's weight device."""
         self.kept[:] = kept
-        self.scale[:] = scale
-        self.index = {(g, position): None if parts is None else kept_indices(parts, width, devices[g])
-                      for g, (group, parts) in enumerate(zip(self.groups, kept))
-                      for position, width in enumerate(group.part_widths)}
+        for cuts, parts, factor, device in zip(self.cuts, kept, scale, devices):
+            for cut in cuts:
+                cut.set(parts, factor, device)
 
 
 def kept_indices(parts: Sequence[int], width: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -53,35 +92,6 @@ def kept_indices(parts: Sequence[int], width: int, device: torch.device | str = 
     if width == 1:
         return base.to(device)
     return (base[:, None] * width + torch.arange(width)).flatten().to(device)
-
-
-class CutForward:
-    """Stands in for a projection's ``forward``; see the module docstring."""
-
-    def __init__(self, module: nn.Module, projection: Projection, producer: bool, group: int, position: int,
-                 state: CutState, scaled: bool):
-        self.module = module
-        self.projection = projection
-        self.producer = producer
-        self.group = group
-        self.position = position
-        self.state = state
-        self.scaled = scaled
-        self.original: Callable[..., Any] = module.forward
-        self.instance_forward = module.__dict__.get("forward")
-
-    def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if not self.module.training or self.state.kept[self.group] is None:
-            return self.original(x, *args, **kwargs)
-        weight = self.module.weight
-        key = (self.group, self.position)
-        index = self.state.index[key]
-        if index.device != weight.device:  # moved since the draw (meta-device init, .to()): follow it once
-            width = self.state.groups[self.group].part_widths[self.position]
-            index = self.state.index[key] = kept_indices(self.state.kept[self.group], width, weight.device)
-        return cut_linear(x, weight, self.module.bias, index, producer=self.producer,
-                          transposed=self.projection.transposed,
-                          scale=self.state.scale[self.group] if self.scaled else 1.0)
 
 
 def cut_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, index: torch.Tensor, *,
@@ -99,9 +109,15 @@ def cut_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return out if bias is None else out + bias
 
 
-def install_cuts(model: nn.Module, groups: Sequence[WidthGroup], state: CutState, scaled: bool) -> list[CutForward]:
+def is_cut(module: nn.Module) -> bool:
+    return getattr(module.__dict__.get("forward"), "__func__", None) is _cut_forward
+
+
+def install_cuts(model: nn.Module, groups: Sequence[WidthGroup], state: CutState, scaled: bool,
+                 always: bool = False) -> list[Cut]:
+    """Cut the projections of ``groups``; all or nothing."""
     modules = dict(model.named_modules())
-    cuts = []
+    installed = []
     try:
         for g, group in enumerate(groups):
             for position, name in enumerate(group.modules):
@@ -109,20 +125,23 @@ def install_cuts(model: nn.Module, groups: Sequence[WidthGroup], state: CutState
                 projection = projection_of(name, module)
                 if projection is None:
                     raise TypeError(f"{name} of width group {group.name} is no longer a Linear or Conv1D")
-                cut = CutForward(module, projection, position < len(group.modules) - 1, g, position, state, scaled)
-                module.forward = cut
-                cuts.append(cut)
+                cut = Cut(module, projection, position < len(group.modules) - 1, group.part_widths[position],
+                          scaled, always)
+                module._raptr_cut = cut
+                module.forward = types.MethodType(_cut_forward, module)
+                state.cuts[g].append(cut)
+                installed.append(cut)
     except BaseException:
         remove_cuts(model)
         raise
-    return cuts
+    return installed
 
 
 def remove_cuts(model: nn.Module) -> int:
     removed = 0
     for module in model.modules():
-        cut = module.__dict__.get("forward")
-        if isinstance(cut, CutForward):
+        if is_cut(module):
+            cut = module.__dict__.pop("_raptr_cut")
             del module.forward
             if cut.instance_forward is not None:
                 module.forward = cut.instance_forward
@@ -130,36 +149,18 @@ def remove_cuts(model: nn.Module) -> int:
     return removed
 
 
-class _AlwaysCut(CutForward):
-    """For the proof on fake tensors: cut whatever the module's training flag says."""
-
-    def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return cut_linear(x, self.module.weight, self.module.bias, self.state.index[self.group, self.position],
-                          producer=self.producer, transposed=self.projection.transposed)
-
-
 @contextlib.contextmanager
 def trial_cuts(model: nn.Module, groups: Sequence[WidthGroup]) -> Iterator[None]:
     """Cut each group to about half of its parts (the first ones) while the block runs."""
     state = CutState(groups)
     modules = dict(model.named_modules())
-    state.set([list(range(max(1, g.parts // 2))) for g in groups], [1.0] * len(groups),
-              [modules[g.consumer].weight.device for g in groups])
-    installed = []
     try:
-        for g, group in enumerate(groups):
-            for position, name in enumerate(group.modules):
-                module = modules[name]
-                cut = _AlwaysCut(module, projection_of(name, module), position < len(group.modules) - 1, g,
-                                 position, state, False)
-                module.forward = cut
-                installed.append((module, cut))
+        install_cuts(model, groups, state, scaled=False, always=True)
+        state.set([list(range(max(1, g.parts // 2))) for g in groups], [1.0] * len(groups),
+                  [modules[g.consumer].weight.device for g in groups])
         yield
     finally:
-        for module, cut in installed:
-            del module.forward
-            if cut.instance_forward is not None:
-                module.forward = cut.instance_forward
+        remove_cuts(model)
 
 
 # -- optimizer: parts not kept stay as they were ------------------------------------------------

@@ -48,14 +48,19 @@ def test_multi_stage_run_never_recompiles_and_matches_eager(compile_mode):
         assert all(g.compiled_forward is not None for g in gates)  # every unit ran compiled
 
 
-def test_width_run_compiles_once_per_kept_size_and_matches_eager():
+@pytest.mark.parametrize("depth", [False, True], ids=["width", "depth-x-width"])
+def test_width_run_compiles_once_per_kept_size_and_matches_eager(depth):
+    """Every unit shares one compiled graph per kept size: a per-unit guard would recompile per unit
+    (and past dynamo's cache limit, fall back to eager without a word)."""
     from raptr_fx import WidthRaPTr
 
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = GPT(n_layer=2)
+    model = GPT(n_layer=4)
     counter = CompileCounterWithBackend("inductor")
-    ctl = transform(model, WidthRaPTr("0.5-0.75-1", total_steps=9), seed=1, example_inputs=tokens())
+    schedule = (RaPTr("2-3-4", total_steps=9, width="0.5-0.75-1") if depth
+                else WidthRaPTr("0.5-0.75-1", total_steps=9))
+    ctl = transform(model, schedule, seed=1, example_inputs=tokens(), compile_options={"backend": counter})
     compiled = torch.compile(model, backend=counter)
     frames_per_stage = []
     for step in range(9):
@@ -71,6 +76,5 @@ def test_width_run_compiles_once_per_kept_size_and_matches_eager():
         if step % 3 == 2:
             frames_per_stage.append(counter.frame_count)
         ctl.step()
-    # One compile per distinct kept size (32, 48, all), none within a stage.
-    assert frames_per_stage[-1] <= 3, frames_per_stage
-    assert frames_per_stage == sorted(frames_per_stage)
+    # One graph for all units per distinct kept size (32, 48, all): two more after the first stage.
+    assert frames_per_stage[0] <= 2 and frames_per_stage[-1] - frames_per_stage[0] <= 2, frames_per_stage
