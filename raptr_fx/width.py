@@ -81,7 +81,17 @@ class WidthGroup:
 
     @property
     def name(self) -> str:
-        return f"{self.unit}:{self.kind}"
+        """Unique within a model: the innermost module holding all its projections, and the kind
+        (``model.layers.0.mlp:mlp``, ``encoder.layer.0.attention:heads``)."""
+        if len(self.modules) == 1:
+            return f"{self.modules[0]}:{self.kind}"
+        paths = [m.split(".") for m in self.modules]
+        common = []
+        for parts in zip(*paths):
+            if len(set(parts)) != 1:
+                break
+            common.append(parts[0])
+        return f"{'.'.join(common) or self.unit}:{self.kind}"
 
     @property
     def producers(self) -> tuple[str, ...]:

@@ -146,7 +146,7 @@ def test_width_schedule_freezes_the_parts_not_kept(tmp_path):
     class CompareRows(L.Callback):
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
             self.before = pl_module.model.transformer.h[0].mlp.c_fc.weight.detach().clone()
-            self.dropped = 64 - callback.controller.kept_parts["transformer.h.0:mlp"]
+            self.dropped = 64 - callback.controller.kept_parts["transformer.h.0.mlp:mlp"]
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             after = pl_module.model.transformer.h[0].mlp.c_fc.weight
@@ -154,7 +154,7 @@ def test_width_schedule_freezes_the_parts_not_kept(tmp_path):
             unchanged_and_dropped.append((unchanged, self.dropped))
 
     fit(callback, tmp_path, accumulate_grad_batches=1, callbacks=[callback, CompareRows()])
-    assert [g.name for g in callback.controller.width_groups] == [f"transformer.h.{i}:mlp" for i in range(4)]
+    assert [g.name for g in callback.controller.width_groups] == [f"transformer.h.{i}.mlp:mlp" for i in range(4)]
     assert unchanged_and_dropped == [(32, 32)] * (STEPS // 2) + [(0, 0)] * (STEPS // 2)
 
 

@@ -37,20 +37,21 @@ def by_name(groups):
 # -- groups found --------------------------------------------------------------------------------
 def test_nanogpt_mlp_found_and_fused_heads_refused_with_the_op():
     groups = by_name(find_width_groups(GPT(n_layer=2), tokens()))
-    mlp = groups["transformer.h.0:mlp"]
+    mlp = groups["transformer.h.0.mlp:mlp"]
     assert mlp.droppable and mlp.size == 64 and mlp.parts == 64
     assert mlp.modules == ("transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj")
-    heads = groups["transformer.h.0:heads"]
+    heads = groups["transformer.h.0.attn:heads"]
     assert not heads.droppable and "fused projection (transformer.h.0.attn.c_attn)" in heads.reason
-    assert [g.unit for g in groups.values()] == ["transformer.h.0"] * 2 + ["transformer.h.1"] * 2
+    assert list(groups) == ["transformer.h.0.attn:heads", "transformer.h.0.mlp:mlp",
+                            "transformer.h.1.attn:heads", "transformer.h.1.mlp:mlp"]
 
 
 def test_llama_gated_mlp_and_grouped_query_heads():
     groups = by_name(find_width_groups(llama(), hf_inputs()))
-    mlp = groups["model.layers.0:mlp"]
+    mlp = groups["model.layers.0.mlp:mlp"]
     assert mlp.droppable and mlp.size == 32
     assert mlp.modules == tuple(f"model.layers.0.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj"))
-    heads = groups["model.layers.0:heads"]
+    heads = groups["model.layers.0.self_attn:heads"]
     assert heads.droppable and heads.size == 4 and heads.parts == 2  # 2 key/value heads, 2 query heads each
     assert heads.part_widths == (8, 4, 4, 8)
     assert heads.modules == tuple(f"model.layers.0.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
@@ -58,7 +59,7 @@ def test_llama_gated_mlp_and_grouped_query_heads():
 
 
 def test_one_key_value_head_is_refused():
-    heads = by_name(find_width_groups(llama(heads=2, kv_heads=1), hf_inputs()))["model.layers.0:heads"]
+    heads = by_name(find_width_groups(llama(heads=2, kv_heads=1), hf_inputs()))["model.layers.0.self_attn:heads"]
     assert not heads.droppable and "one key/value head" in heads.reason
 
 
@@ -66,15 +67,15 @@ def test_gpt2_conv1d_mlp_bert_across_modules_t5_heads_refused():
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2,
                                                                 n_positions=32))
     groups = by_name(find_width_groups(gpt2, hf_inputs()))
-    assert groups["transformer.h.0:mlp"].droppable and groups["transformer.h.0:mlp"].size == 64
-    assert "fused projection (transformer.h.0.attn.c_attn)" in groups["transformer.h.0:heads"].reason
+    assert groups["transformer.h.0.mlp:mlp"].droppable and groups["transformer.h.0.mlp:mlp"].size == 64
+    assert "fused projection (transformer.h.0.attn.c_attn)" in groups["transformer.h.0.attn:heads"].reason
 
     bert = transformers.BertModel(transformers.BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2,
                                                           num_attention_heads=2, intermediate_size=32))
     groups = by_name(find_width_groups(bert, hf_inputs()))
     assert groups["encoder.layer.0:mlp"].modules == ("encoder.layer.0.intermediate.dense",
                                                      "encoder.layer.0.output.dense")
-    assert groups["encoder.layer.0:heads"].droppable and groups["encoder.layer.0:heads"].parts == 2
+    assert groups["encoder.layer.0.attention:heads"].droppable and groups["encoder.layer.0.attention:heads"].parts == 2
 
     t5 = transformers.T5Model(transformers.T5Config(vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=32, num_layers=2,
                                                     num_heads=2, decoder_start_token_id=0))
@@ -91,13 +92,13 @@ def test_gpt2_conv1d_mlp_bert_across_modules_t5_heads_refused():
 
 def test_vit_multihead_attention_refused_and_mlp_in_sequential_found():
     groups = by_name(find_width_groups(ViT(), images()))
-    assert groups["blocks.0:mlp"].droppable and groups["blocks.0:mlp"].modules == ("blocks.0.mlp.0", "blocks.0.mlp.2")
-    assert "nn.MultiheadAttention" in groups["blocks.0:heads"].reason
+    assert groups["blocks.0.mlp:mlp"].droppable and groups["blocks.0.mlp:mlp"].modules == ("blocks.0.mlp.0", "blocks.0.mlp.2")
+    assert "nn.MultiheadAttention" in groups["blocks.0.attn:heads"].reason
 
 
 def test_without_inputs_mlp_groups_are_found_heads_need_inputs():
     groups = by_name(find_width_groups(GPT(n_layer=1)))
-    assert groups["transformer.h.0:mlp"].droppable and groups["transformer.h.0:mlp"].flops_share is None
+    assert groups["transformer.h.0.mlp:mlp"].droppable and groups["transformer.h.0.mlp:mlp"].flops_share is None
 
 
 # -- the cut ---------------------------------------------------------------------------------------
@@ -176,7 +177,7 @@ def test_parts_not_kept_are_bitwise_unchanged_after_adamw():
     mlp = model.model.layers[0].mlp
     for _ in range(4):
         kept = ctl._cuts.kept[1]  # layer 0's MLP (groups are in unit order: heads, mlp)
-        assert ctl.width_groups[1].name == "model.layers.0:mlp"
+        assert ctl.width_groups[1].name == "model.layers.0.mlp:mlp"
         dropped = sorted(set(range(32)) - set(kept))
         state = lambda: [t.clone() for t in optimizer.state[mlp.up_proj.weight].values()
                          if torch.is_tensor(t) and t.dim() == 2] if optimizer.state else []
@@ -409,3 +410,15 @@ def test_fsdp2_width_cuts_match_a_single_process_run(tmp_path):
     assert all(ranks[0]["frozen"]) and all(ranks[1]["frozen"]), "parts not kept moved under FSDP2"
     for got, want in zip(ranks[0]["final"], model.parameters()):
         torch.testing.assert_close(torch.tensor(got), want.detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_moe_experts_refused_with_a_reason_shared_expert_and_heads_cut():
+    config = transformers.Qwen2MoeConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=32,
+                                         shared_expert_intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, num_experts=4, num_experts_per_tok=2)
+    groups = by_name(find_width_groups(transformers.Qwen2MoeForCausalLM(config), hf_inputs()))
+    experts = groups["model.layers.0.mlp.experts:mlp"]
+    assert not experts.droppable and "3-D parameter (model.layers.0.mlp.experts.gate_up_proj)" in experts.reason
+    assert groups["model.layers.0.self_attn:heads"].droppable and groups["model.layers.0.self_attn:heads"].parts == 2
+    shared = groups["model.layers.0.mlp.shared_expert:mlp"]
+    assert shared.droppable and shared.modules[-1] == "model.layers.0.mlp.shared_expert.down_proj"
