@@ -14,7 +14,9 @@ buffers and state_dict keys are untouched) and reads its decision from a shared
   tensor that the controller updates in place: the whole model stays one graph
   (``fullgraph=True`` works), but torch.cond's backward recomputes the forward of
   kept units (it saves only the inputs);
-* evaluation mode: the original forward, bit for bit.
+* evaluation mode: the original forward, bit for bit;
+* under ``torch.compile``, a step where every unit runs unscaled: the original forward, inlined,
+  in both modes, so the whole model is one graph with its cross-unit fusions, as untransformed.
 """
 
 from __future__ import annotations
@@ -49,6 +51,10 @@ class GateState:
         self.compile_options = dict(compile_options or {})  # torch.compile kwargs for regional units
         self.keep = [True] * num_blocks  # host copy read by eager gates
         self.scale = [1.0] * num_blocks
+        # Every unit runs unscaled (the last stage, FullModel, an all-kept draw): compiled gates then
+        # inline the units, so the step is the untransformed model's one graph. A guard on this one
+        # flag: at most one more graph, and no recompile when stages switch back and forth.
+        self.all_run = True
         # Read by compiled graphs as inputs; updated in place, so no recompilation. On the
         # host: torch.cond reads a CPU predicate without a device sync.
         self.keep_tensor = torch.ones(num_blocks, dtype=torch.bool)
@@ -57,6 +63,7 @@ class GateState:
     def set(self, keep: list[bool], scale: list[float]) -> None:
         self.keep[:] = keep
         self.scale[:] = scale
+        self.all_run = all(keep) and all(s == 1.0 for s in scale)
         self.keep_tensor.copy_(torch.tensor(keep, dtype=torch.bool))
         self.scale_tensor.copy_(torch.tensor(scale, dtype=torch.float32))
 
@@ -144,6 +151,8 @@ class GatedForward:
         if not self.module.training:
             return self.original(*args, **kwargs)
         if torch.compiler.is_compiling():
+            if self.state.all_run:
+                return self.original(*args, **kwargs)
             if self.state.compile_mode == "cond":
                 return self.with_cond(args, kwargs)
             return _gate_outside_graph(self, args, kwargs)

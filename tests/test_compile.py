@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from raptr_fx import RaPTr, transform
+from raptr_fx import FullModel, RaPTr, transform
 from tests.fixtures.models import GPT, tokens
 
 pytestmark = pytest.mark.compile
@@ -19,12 +19,14 @@ def test_multi_stage_run_never_recompiles_and_matches_eager(compile_mode):
     ctl = transform(model, RaPTr("2-3-4", total_steps=9), scaling="inverse", seed=1,
                     compile_mode=compile_mode, compile_options={"backend": counter})
     compiled = torch.compile(model, backend=counter)
-    patterns, frames_after_first_step = set(), None
-    for _ in range(9):
+    patterns, frames, all_run = set(), [], []
+    for step in [*range(9), 0, 1, 7, 8]:  # the whole run, then back to random and to all-on again
+        ctl.load_state_dict({**ctl.state_dict(), "step": step})
         patterns.add(tuple(ctl.active))
+        all_run.append(all(ctl.active))
         compiled_loss = compiled(*tokens()).pow(2).mean()
         compiled_loss.backward()
-        frames_after_first_step = frames_after_first_step or counter.frame_count
+        frames.append(counter.frame_count)
         compiled_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         model.zero_grad(set_to_none=True)
         eager_loss = model(*tokens()).pow(2).mean()
@@ -38,14 +40,33 @@ def test_multi_stage_run_never_recompiles_and_matches_eager(compile_mode):
             else:  # skipped: never ran (regional: no gradient; cond: zero gradient)
                 assert weight not in compiled_grads or torch.count_nonzero(compiled_grads[weight]) == 0
         model.zero_grad(set_to_none=True)
-        ctl.step()
-    assert len(patterns) >= 3 and ctl.stage == 2
-    assert counter.frame_count == frames_after_first_step, "a gate pattern or stage recompiled"
+    assert len(patterns) >= 3 and True in all_run and False in all_run
+    # The random-pattern graph(s) of the first step, plus one whole-model graph the first time every
+    # unit runs; nothing after that, whatever the stage or pattern.
+    first_all_run = all_run.index(True)
+    assert frames[first_all_run] - frames[first_all_run - 1] == 1 and frames[-1] == frames[first_all_run], frames
+    assert frames[first_all_run - 1] == frames[0], "a random gate pattern recompiled"
     if compile_mode == "cond":
-        assert counter.frame_count == 1  # the whole model is one graph
+        assert frames[-1] == 2  # the whole model is one graph, per kind of step
     else:
         gates = [block.forward for block in model.transformer.h]
         assert all(g.compiled_forward is not None for g in gates)  # every unit ran compiled
+
+
+@pytest.mark.parametrize("compile_mode", ["regional", "cond"])
+def test_full_model_steps_compile_to_the_untransformed_graph(compile_mode):
+    """Every unit on: no graph break at the gates, the same ops as the untransformed model."""
+    def compiled_ops(transformed: bool) -> tuple[int, int]:
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = GPT(n_layer=4)
+        counter = CompileCounterWithBackend("eager")
+        if transformed:
+            transform(model, FullModel(), compile_mode=compile_mode, compile_options={"backend": counter})
+        torch.compile(model, backend=counter)(*tokens()).sum().backward()
+        return counter.frame_count, counter.op_count
+
+    assert compiled_ops(True) == compiled_ops(False) == (1, compiled_ops(False)[1])
 
 
 @pytest.mark.parametrize("depth", [False, True], ids=["width", "depth-x-width"])
