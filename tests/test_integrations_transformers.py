@@ -234,6 +234,33 @@ def test_dropped_units_are_not_updated(tmp_path):
     assert changed == {"0", "3"}
 
 
+def test_width_schedule_cuts_and_freezes_under_the_trainer(tmp_path):
+    """A width schedule through the callback: rows not kept in a step do not move in that step."""
+    model = LM()
+    callback = RaPTrCallback(raptr_fx.WidthRaPTr("0.5-1", total_steps=STEPS),
+                             example_inputs={k: v[None] for k, v in dataset()[0].items()})
+    weight = model.gpt.transformer.h[0].mlp.c_fc.weight
+    seen = []  # (controller step, kept rows, weight) at each forward
+
+    def record(*_):
+        if callback.controller is not None and callback.controller.width_groups:
+            seen.append((callback.controller.step_count, callback.controller._cuts.kept[0], weight.detach().clone()))
+
+    model.gpt.transformer.h[0].mlp.c_fc.register_forward_hook(record)
+    train(model, callback, tmp_path, save_steps=100, max_steps=STEPS // 2 + 1, weight_decay=0.1)
+    steps = {}
+    for step, kept, value in seen:  # the first micro-batch of each step: the weight before its update
+        steps.setdefault(step, (kept, value))
+    checked = 0
+    for step in sorted(steps)[:-1]:
+        kept, before = steps[step]
+        after = steps[step + 1][1]
+        dropped = sorted(set(range(64)) - set(kept))
+        assert torch.equal(before[dropped], after[dropped]) and not torch.equal(before[kept], after[kept])
+        checked += 1
+    assert checked >= 5 and steps[max(steps)][0] is None  # the last step is in the full-width stage
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="pass a schedule"):
         RaPTrCallback()
