@@ -50,7 +50,7 @@ class Controller:
         self.scaling = _scaling_function(scaling)
         self._state = GateState(len(self.blocks), compile_mode, compile_options)
         self._cuts = CutState(self.width_groups)
-        self._frozen_parts = FrozenParts(model, self._cuts, lambda: set(self.active_blocks))
+        self._frozen_parts = FrozenParts(self._cuts, lambda: set(self.active_blocks))
         self._hooks: list[Any] = []
         self._stepping_with: torch.optim.Optimizer | None = None
         self._step = 0
@@ -69,6 +69,10 @@ class Controller:
             remove_gates(model)
             remove_cuts(model)
             raise
+        # Tied weights across units (rare): a dropped unit's parameter that a running unit shares keeps
+        # its gradient. Checked once here; without ties, no per-step set of running parameters.
+        owners = [id(p) for gate in self._gates for p in set(gate.parameters())]
+        self._units_share_parameters = len(owners) != len(set(owners))
         self._usage = UsageMonitor(self)
 
     # -- the step ------------------------------------------------------------------------
@@ -93,17 +97,27 @@ class Controller:
             scales = [g.parts / len(k) if inverse and k is not None else 1.0 for g, k in zip(self.width_groups, kept)]
             self._cuts.set(kept, scales, [m.weight.device for m in self._consumers])
 
-    def _sample_width(self, fraction: float) -> list[list[int] | None]:
-        """round(f x parts) parts per group, drawn without replacement; None where every part runs."""
+    def _sample_width(self, fraction: float) -> list[torch.Tensor | None]:
+        """round(f x parts) parts per group, drawn without replacement; None where every part runs.
+
+        Groups with the same number of parts are drawn together (one random matrix, sorted by
+        row): one draw per group size, not per group, keeps the host cost flat in depth.
+        """
+        kept: list[torch.Tensor | None] = [None] * len(self.width_groups)
         if fraction >= 1.0:
-            return [None] * len(self.width_groups)
+            return kept
         # Its own stream of (seed, step), so adding width leaves the depth decisions as they were.
         generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self._step + _WIDTH_STREAM) % (2**63))
-        kept: list[list[int] | None] = []
-        for group in self.width_groups:
-            count = max(1, round(fraction * group.parts))
-            chosen = torch.randperm(group.parts, generator=generator)[:count]
-            kept.append(None if count >= group.parts else sorted(chosen.tolist()))
+        by_parts: dict[int, list[int]] = {}
+        for g, group in enumerate(self.width_groups):
+            by_parts.setdefault(group.parts, []).append(g)
+        for parts, members in sorted(by_parts.items()):
+            count = max(1, round(fraction * parts))
+            if count >= parts:
+                continue
+            draws = torch.rand(len(members), parts, generator=generator).argsort(dim=1)[:, :count]
+            for g, row in zip(members, draws.sort(dim=1).values):
+                kept[g] = row
         return kept
 
     def _sample(self, keep_p: list[float]) -> list[bool]:
@@ -201,7 +215,10 @@ class Controller:
         Units in eval mode ran whole (the gates are off there), so their gradients are real and kept.
         """
         dropped = [not k and gate.module.training for gate, k in zip(self._gates, self._state.keep)]
-        running = {id(p) for gate, d in zip(self._gates, dropped) if not d for p in gate.parameters()}
+        if not any(dropped):
+            return
+        running = ({id(p) for gate, d in zip(self._gates, dropped) if not d for p in gate.parameters()}
+                   if self._units_share_parameters else set())
         for gate, d in zip(self._gates, dropped):
             if d:
                 for p in gate.parameters():

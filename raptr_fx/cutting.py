@@ -52,9 +52,9 @@ class Cut:
         self.original: Callable[..., Any] = module.forward
         self.instance_forward = module.__dict__.get("forward")  # the user's own override, if any
 
-    def set(self, kept: list[int] | None, scale: float, device: torch.device) -> None:
+    def set(self, kept: list[int] | None, index: torch.Tensor | None, scale: float) -> None:
         self.kept = kept
-        self.index = None if kept is None else kept_indices(kept, self.width, device)
+        self.index = index
         self.scale = scale if self.scaled else 1.0
 
 
@@ -76,19 +76,32 @@ class CutState:
     def __init__(self, groups: Sequence[WidthGroup]):
         self.groups = list(groups)
         self.kept: list[list[int] | None] = [None] * len(self.groups)  # None: every part runs
+        self.kept_tensors: list[torch.Tensor | None] = [None] * len(self.groups)  # the same, sorted, on the CPU
         self.cuts: list[list[Cut]] = [[] for _ in self.groups]  # per group, in module order
 
-    def set(self, kept: list[list[int] | None], scale: list[float], devices: Sequence[torch.device]) -> None:
+    def set(self, kept: Sequence[torch.Tensor | Sequence[int] | None], scale: Sequence[float],
+            devices: Sequence[torch.device]) -> None:
         """This step's kept parts per group (None: all), consumer scales, and each group's weight device."""
-        self.kept[:] = kept
-        for cuts, parts, factor, device in zip(self.cuts, kept, scale, devices):
+        for g, (cuts, parts, factor, device) in enumerate(zip(self.cuts, kept, scale, devices)):
+            parts = None if parts is None else torch.as_tensor(parts, dtype=torch.long)
+            self.kept_tensors[g] = parts
+            self.kept[g] = None if parts is None else parts.tolist()
+            by_width: dict[int, torch.Tensor | None] = {}  # the cuts of a group mostly share one width
             for cut in cuts:
-                cut.set(parts, factor, device)
+                if cut.width not in by_width:
+                    by_width[cut.width] = None if parts is None else kept_indices(parts, cut.width, device)
+                cut.set(self.kept[g], by_width[cut.width], factor)
+
+    def dropped(self, g: int) -> torch.Tensor:
+        """The parts group ``g`` does not keep this step (sorted, on the CPU)."""
+        mask = torch.ones(self.groups[g].parts, dtype=torch.bool)
+        mask[self.kept_tensors[g]] = False
+        return mask.nonzero().flatten()
 
 
-def kept_indices(parts: Sequence[int], width: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The rows (or columns) of kept ``parts``, each spanning ``width`` contiguous rows."""
-    base = torch.as_tensor(list(parts), dtype=torch.long)
+def kept_indices(parts: torch.Tensor | Sequence[int], width: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The rows (or columns) of ``parts``, each spanning ``width`` contiguous rows."""
+    base = torch.as_tensor(parts, dtype=torch.long)
     if width == 1:
         return base.to(device)
     return (base[:, None] * width + torch.arange(width)).flatten().to(device)
@@ -171,32 +184,31 @@ class FrozenParts:
     leaves those parameters alone already. The choice rests on the step's decisions, not on
     gradients, so an optimizer whose ``step(closure)`` runs the backward is handled too."""
 
-    def __init__(self, model: nn.Module, state: CutState, running_units: Callable[[], set[str]]):
-        self.model = model
+    def __init__(self, state: CutState, running_units: Callable[[], set[str]]):
         self.state = state
         self.running_units = running_units
         self.saved: list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]] = []
 
     def slices(self) -> Iterator[tuple[torch.Tensor, int, torch.Tensor]]:
         """(parameter, dim, indices not kept) for every cut parameter of this step."""
-        modules = dict(self.model.named_modules())
         running = self.running_units()
-        for g, (group, kept) in enumerate(zip(self.state.groups, self.state.kept)):
-            if kept is None or group.unit not in running:
+        for g, (group, cuts) in enumerate(zip(self.state.groups, self.state.cuts)):
+            if self.state.kept[g] is None or group.unit not in running:
                 continue
-            dropped = sorted(set(range(group.parts)) - set(kept))
-            for position, name in enumerate(group.modules):
-                module = modules[name]
-                weight = module.weight
+            dropped = self.state.dropped(g)
+            by_width: dict[tuple[int, torch.device], torch.Tensor] = {}
+            for cut in cuts:
+                module = cut.module
                 if not module.training:  # eval mode ran the whole projection: its gradient is real
                     continue
-                index = kept_indices(dropped, group.part_widths[position], weight.device)
-                transposed = projection_of(name, module).transposed
-                producer = position < len(group.modules) - 1
-                out_dim = 1 if transposed else 0
-                yield weight, out_dim if producer else 1 - out_dim, index
-                if producer and module.bias is not None:
-                    yield module.bias, 0, index
+                weight = module.weight
+                key = (cut.width, weight.device)
+                if key not in by_width:
+                    by_width[key] = kept_indices(dropped, cut.width, weight.device)
+                out_dim = 1 if cut.transposed else 0  # Conv1D keeps weight as [in, out]
+                yield weight, out_dim if cut.producer else 1 - out_dim, by_width[key]
+                if cut.producer and module.bias is not None:
+                    yield module.bias, 0, by_width[key]
 
     def save(self, optimizer: torch.optim.Optimizer) -> None:
         self.saved.clear()
@@ -211,6 +223,8 @@ class FrozenParts:
             for param, dim, index, value, states in self.saved:
                 local, local_index = _local(param, dim, index)
                 local.index_copy_(dim, local_index, value)
+                if not states and param not in optimizer.state:
+                    continue
                 for key, tensor in _shaped_state(optimizer, param).items():
                     local_state = _local(tensor, dim, index)[0]
                     before = states.get(key)
