@@ -26,14 +26,14 @@ import operator
 from dataclasses import dataclass, replace
 from typing import Any, Iterable, Literal
 
-import networkx as nx
 import torch
 from torch import fx, nn
 
-from .discovery import Discovery, _Grouping, discover
+from .discovery import Discovery, _Grouping, _on_model_device, discover
 from .probe import Probe, probe
-from .residuals import _op_name
-from .tracing import ExampleInputs, is_shape_query
+from .residuals import _op_name, dataflow_graph
+from .tracing import ExampleInputs, is_shape_query, normalize_example_inputs
+from .untouched import untouched
 
 __all__ = ["WidthGroup", "find_width_groups", "width_groups"]
 
@@ -142,8 +142,7 @@ def find_width_groups(model: nn.Module, example_inputs: Any = None, **tracer_opt
 
 
 def discovery_inputs(model: nn.Module, example_inputs: Any) -> ExampleInputs | None:
-    from .discovery import _on_model_device
-    from .tracing import normalize_example_inputs
+    """Example inputs as discovery uses them: ``(args, kwargs)``, on the meta device for a meta model."""
     return _on_model_device(model, normalize_example_inputs(example_inputs))
 
 
@@ -180,8 +179,8 @@ def _propagate_shapes(model: nn.Module, traced: Any, inputs: ExampleInputs) -> N
         return  # defaults or concrete args we cannot line up: leave the graph without shapes
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fakes = [mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for v in values]
-    try:
-        with torch.no_grad():
+    try:  # the graph runs the model's modules: leave nothing behind in them (caches, states)
+        with untouched(model), torch.no_grad():
             FakeTensorProp(fx.GraphModule(model, traced.graph), mode).propagate(*fakes)
     except Exception:  # the probe reports what the model rejects; shapes are a best effort
         return
@@ -197,7 +196,7 @@ class _Finder:
     def __init__(self, model: nn.Module, discovery: Discovery):
         self.model = model
         self.traced = discovery.traced
-        graph = _dataflow(discovery)
+        graph = dataflow_graph(discovery.traced)
         self.grouping = _Grouping(model, discovery.traced, graph, discovery.residuals, None)
         self.graph = graph
         modules = dict(model.named_modules())
@@ -210,25 +209,21 @@ class _Finder:
                 self.output_of[outputs[0]] = name
         self.calls = discovery.traced.call_counts
         self.modules = modules
-
-    def projection_inputs(self, name: str) -> list[fx.Node]:
-        return self.grouping.inputs(name)
+        self.order = {n: i for i, n in enumerate(discovery.traced.graph.nodes)}
 
     def unit_groups(self, unit: str) -> list[WidthGroup]:
         region = self.grouping.regions[unit]
         inside = [p for p in self.projections.values() if p.name.startswith(unit + ".")]
         groups = self.head_groups(unit, region) + self.mlp_groups(unit, region, inside)
         groups += self.expert_refusals(unit, groups)
-        order = {n: i for i, n in enumerate(self.traced.graph.nodes)}
-        first = {p: min((order[n] for n in self.grouping.regions.get(p, ())), default=0) for p in self.projections}
-        groups.sort(key=lambda g: first.get(g.consumer, 0))
+        groups.sort(key=lambda g: self.first_node(g.consumer))
         return self.without_overlaps(groups)
 
     # -- MLP ------------------------------------------------------------------------------------
     def mlp_groups(self, unit: str, region: set[fx.Node], inside: list[Projection]) -> list[WidthGroup]:
         groups = []
         for consumer in inside:
-            inputs = self.projection_inputs(consumer.name)
+            inputs = self.grouping.inputs(consumer.name)
             if len(inputs) != 1:
                 continue
             found = self.hidden_path(inputs[0], region, consumer.name)
@@ -364,7 +359,7 @@ class _Finder:
                 found.add(self.output_of[current])
                 continue
             if not backwards:
-                hit = next((p for p in self.projections if current in self.projection_inputs_cached(p)), None)
+                hit = next((p for p in self.projections if current in self.grouping.regions[p]), None)
                 if hit is not None and current is not node:
                     found.add(hit)
                     continue
@@ -372,12 +367,6 @@ class _Finder:
             else:
                 stack.extend(self.tensor_inputs(current))
         return found
-
-    def projection_inputs_cached(self, name: str) -> set[fx.Node]:
-        cache = self.__dict__.setdefault("_inputs", {})
-        if name not in cache:
-            cache[name] = set(self.grouping.regions[name])
-        return cache[name]
 
     def head_group(self, unit: str, region: set[fx.Node], query: fx.Node, key: fx.Node, value: fx.Node,
                    out: fx.Node, op: str) -> WidthGroup | None:
@@ -462,16 +451,11 @@ class _Finder:
         return result
 
     def first_node(self, name: str) -> int:
-        cache = self.__dict__.setdefault("_order", {n: i for i, n in enumerate(self.traced.graph.nodes)})
-        return min((cache[n] for n in self.grouping.regions.get(name, ())), default=0)
+        """Where module ``name`` first runs, in graph order."""
+        return min((self.order[n] for n in self.grouping.regions.get(name, ())), default=0)
 
     def params(self, modules: Iterable[str]) -> int:
         return sum(p.numel() for m in modules for p in self.modules[m].parameters())
-
-
-def _dataflow(discovery: Discovery) -> nx.DiGraph:
-    from .residuals import dataflow_graph
-    return dataflow_graph(discovery.traced)
 
 
 # -- FLOPs and the proof --------------------------------------------------------------------------
