@@ -229,15 +229,13 @@ class Controller:
         """Do again, after the backward, what ``attach(freeze_dropped=True)`` does before ``optimizer.step()``.
 
         For an optimizer whose ``step(closure)`` runs the backward itself (Lightning's automatic
-        optimization, LBFGS): the pre-step hook fires before any gradient of the step exists, so
-        it releases stale gradients and, with width cuts, finds no gradient to tell which cut
-        parameters trained. Attach with ``freeze_dropped=True`` (for the write-back after the
-        step) and call this after the closure's backward: it releases the dropped units'
-        gradients and saves the width parts not kept of this step.
+        optimization, LBFGS): the pre-step hook fires before the step's gradients exist, so the
+        dropped units' gradients must be released again after the closure's backward. Width parts
+        need nothing more: what they freeze follows the step's decisions, not its gradients.
+        ``optimizer`` is accepted for symmetry with :meth:`attach` (a wrapper is fine).
         """
+        unwrap_optimizer(optimizer)
         self.release_dropped_grads()
-        if self.width_groups:
-            self._frozen_parts.save(unwrap_optimizer(optimizer))
 
     def detach(self) -> None:
         """Remove the hooks that :meth:`attach` put on optimizers; the gates stay.
