@@ -247,7 +247,7 @@ def test_width_schedule_cuts_and_freezes_under_the_trainer(tmp_path):
             seen.append((callback.controller.step_count, callback.controller._cuts.kept[0], weight.detach().clone()))
 
     model.gpt.transformer.h[0].mlp.c_fc.register_forward_hook(record)
-    train(model, callback, tmp_path, save_steps=100, max_steps=STEPS // 2 + 1, weight_decay=0.1)
+    trainer, _, _ = train(model, callback, tmp_path, save_steps=100, max_steps=STEPS // 2 + 1, weight_decay=0.1)
     steps = {}
     for step, kept, value in seen:  # the first micro-batch of each step: the weight before its update
         steps.setdefault(step, (kept, value))
@@ -259,6 +259,8 @@ def test_width_schedule_cuts_and_freezes_under_the_trainer(tmp_path):
         assert torch.equal(before[dropped], after[dropped]) and not torch.equal(before[kept], after[kept])
         checked += 1
     assert checked >= 5 and steps[max(steps)][0] is None  # the last step is in the full-width stage
+    logged = [row["raptr/width"] for row in trainer.state.log_history if "raptr/width" in row]
+    assert logged and set(logged) <= {0.5, 1.0} and 0.5 in logged
 
 
 def test_bad_arguments():

@@ -226,10 +226,15 @@ class Adoption:
 
 
 def metrics(controller: Controller) -> dict[str, float]:
-    """What the callbacks log: stage, units running this step, this stage's expected compute."""
+    """What the callbacks log: stage, units running this step, this stage's expected compute, and
+    with width groups the fraction of their parts kept this step (the mean over groups)."""
     row = controller.plan()[controller.stage]
-    return {
+    values = {
         "raptr/stage": float(controller.stage),
         "raptr/active_units": float(sum(controller.active)),
         "raptr/expected_compute": float(row.compute),
     }
+    if controller.width_groups:
+        kept = controller.kept_parts
+        values["raptr/width"] = sum(kept[g.name] / g.parts for g in controller.width_groups) / len(kept)
+    return values
