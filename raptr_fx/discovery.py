@@ -321,6 +321,7 @@ class _Grouping:
             drop=drop,
             calls=self.traced.call_counts.get(name, 1),
             projection=self.projection(residuals),
+            shortcut_scale=next((r.shortcut_scale for r in residuals if r.shortcut_scale is not None), None),
             weights_after=self.weights_after(name, residuals) if drop == "zero" else [],
             weights_before=self.weights_before(name, drop, residuals, output),
             output=output,

@@ -6,6 +6,7 @@ A residual add combines the stream ``x`` with a branch computed from ``x``::
     x + gamma * f(x)                      (layer scale)
     x + attn(ln(x)) + mlp(ln(x))          (parallel branches)
     proj(x) + f(x)                        (projection shortcut)
+    a * x + b * f(x)                      (constant-scaled shortcut: MiniMax, Beam; never skippable)
 
 Not residual: ``f(x) + g(x)`` where neither side is the stream, adds of
 parameters or constants (position embeddings), concatenation skips.
@@ -51,6 +52,7 @@ class Residual:
     branch_nodes: frozenset[fx.Node]  # every node on a path origin -> branch
     params: frozenset[str]  # parameters the branch reads
     shortcut: frozenset[fx.Node] = frozenset()  # projection shortcut nodes; empty for identity
+    shortcut_scale: float | None = None  # the shortcut is ``x * shortcut_scale`` (a constant, no weights)
 
 
 def is_add(node: fx.Node) -> bool:
@@ -206,12 +208,37 @@ def _classify(add, u, v, *, ancestry: _Ancestry, params_of, found, source) -> Re
     origin = ancestry.latest_common(u, v)
     if origin is None:
         return None
+    # a * x + f(x): a shortcut scaled by a constant (the branch's own scale is part of the branch).
     for shortcut, branch in ((u, v), (v, u)):
         short_nodes, branch_nodes = ancestry.path(origin, shortcut), ancestry.path(origin, branch)
+        scale = _constant_scale(short_nodes)
         if (
             _compute_ops(short_nodes) <= _MAX_SHORTCUT_OPS
             and _compute_ops(branch_nodes) > _compute_ops(short_nodes)
-            and params_of(short_nodes)
+            and (params_of(short_nodes) or scale is not None)
         ):
-            return Residual(add, shortcut, branch, origin, branch_nodes, params_of(branch_nodes), short_nodes)
+            return Residual(add, shortcut, branch, origin, branch_nodes, params_of(branch_nodes), short_nodes,
+                            scale)
+    return None
+
+
+def _constant_scale(short_nodes: frozenset[fx.Node]) -> float | None:
+    """``c`` when the shortcut is one multiplication (or division) of the stream by a Python number.
+
+    Only a number: ``q * cos + rotate_half(q) * sin`` (rotary embeddings) scales by a tensor and
+    is no residual.
+    """
+    computing = [n for n in short_nodes if _op_name(n) not in _PASS_THROUGH]
+    if len(computing) != 1 or len(computing[0].args) != 2:
+        return None
+    node = computing[0]
+    name = _op_name(node).removeprefix("__").removesuffix("__")
+    tensors = [a for a in node.args if isinstance(a, fx.Node)]
+    numbers = [a for a in node.args if isinstance(a, (int, float)) and not isinstance(a, bool)]
+    if len(tensors) != 1 or len(numbers) != 1:
+        return None
+    if name in ("mul", "rmul"):
+        return float(numbers[0])
+    if name in ("div", "truediv") and node.args[1] == numbers[0] and numbers[0] != 0:
+        return 1.0 / float(numbers[0])
     return None

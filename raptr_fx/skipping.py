@@ -104,6 +104,7 @@ class UnitFacts:
     drop: Literal["identity", "zero"]
     calls: int  # calls per forward
     projection: list[str] | None  # identity units: the modules of a projection shortcut, if any
+    shortcut_scale: float | None  # identity units: the shortcut is ``x * shortcut_scale`` (a constant)
     weights_after: list[str]  # zero units: parameters outside it on the branch after it (layer scale)
     weights_before: list[str]  # parameters outside it whose results only it consumes (a parent's norm)
     output: ObservedOutput | None  # what the call returned; None: not observed (one tensor assumed)
@@ -128,6 +129,10 @@ def judge(facts: UnitFacts) -> Verdict:
     """Can this unit be skipped, and how is its output rebuilt when it is?"""
     if facts.calls > 1:
         return Verdict(shared_reason(facts.calls))
+    if facts.drop == "identity" and facts.shortcut_scale is not None:
+        scale = f"{facts.shortcut_scale:g}"
+        return Verdict(f"its shortcut scales the stream ({scale} * x + f(x)), not the identity: skipped, it "
+                       f"would have to return {scale} * x, and returning x would change the stream")
     if facts.drop == "identity" and facts.projection is not None:
         where = f" ({', '.join(facts.projection)})" if facts.projection else ""
         shapes = _shape_change(facts, _stream_shape(facts, None))

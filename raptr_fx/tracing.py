@@ -12,6 +12,9 @@ raptr_fx only sees :class:`TracedModel`, never which tracer made it.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import logging
 import math
 import traceback
 from collections import Counter
@@ -22,6 +25,9 @@ from typing import Any, Iterable
 import torch
 from torch import fx, nn
 
+from torch._subclasses.fake_tensor import DataDependentOutputException
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
 from .errors import TracingError
 from .skipping import ObservedOutput, observe
 
@@ -31,6 +37,10 @@ __all__ = ["TracedModel", "trace", "normalize_example_inputs"]
 _SHAPE_METHODS = {"size", "dim", "numel", "stride", "type", "get_device", "is_contiguous"}
 _SHAPE_ATTRS = {"shape", "ndim", "dtype", "device", "is_cuda", "requires_grad", "layout"}
 _SHAPE_ATEN = {"sym_size", "sym_numel", "sym_stride", "sym_storage_offset", "_assert_tensor_metadata"}
+
+_EXPORT_LOGGERS = ("torch.export", "torch._export", "torch.fx.experimental.symbolic_shapes", "torch._dynamo",
+                   "torch.fx.experimental.recording", "torch._subclasses.fake_tensor")
+_DATA_DEPENDENT = (DataDependentOutputException, GuardOnDataDependentSymNode)
 
 _TRACER_OPTIONS = {"leaf_modules", "autowrap_functions", "autowrap_modules", "concrete_args"}
 
@@ -52,6 +62,7 @@ class TracedModel:
     call_args: dict[str, dict[int | str, fx.Node]] = field(default_factory=dict)
     # module name -> what its (first) call returned, element by element; torch.fx only
     call_outputs: dict[str, ObservedOutput] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what the trace assumed beyond the example inputs
 
     def is_value(self, node: fx.Node) -> bool:
         """True for nodes that carry tensor data (not parameters, constants or shapes)."""
@@ -198,9 +209,86 @@ def _tensors(value: Any) -> Iterable[torch.Tensor]:
             yield from _tensors(item)
 
 
-def _trace_export(model: nn.Module, inputs: ExampleInputs) -> TracedModel:
+def _export(model: nn.Module, inputs: ExampleInputs) -> tuple[torch.export.ExportedProgram, list[str]]:
+    """torch.export (non-strict), retried where the failure is the trace's, not the model's.
+
+    * A data-dependent guard (``if mask.any():``, ``.item()`` sizes): ``torch.export.draft_export``
+      traces again, resolving each such branch with the example inputs' real values. The graph is
+      then the one the example takes, as with every tracer (shapes are specialized too).
+    * Hugging Face models skip building a default attention mask while being traced
+      (``if attention_mask is None and not is_torchdynamo_compiling()``) and then read the None:
+      traced again with the all-ones mask the eager forward builds for itself.
+
+    Returns the program and what the trace assumed (empty for a plain export).
+    """
     args, kwargs = inputs
-    program = torch.export.export(_TensorOutputs(model), args, kwargs, strict=False)
+    notes: list[str] = []
+    try:
+        return torch.export.export(_TensorOutputs(model), args, kwargs, strict=False), notes
+    except Exception as exc:
+        failure = exc
+    masks = _missing_attention_masks(model, args, kwargs)
+    if masks and not _is_data_dependent(failure):
+        kwargs = {**kwargs, **masks}
+        notes.append(f"{', '.join(masks)} of ones added (the model's default, not built while traced)")
+        try:
+            return torch.export.export(_TensorOutputs(model), args, kwargs, strict=False), notes
+        except Exception as exc:
+            if not _is_data_dependent(exc):
+                raise failure from exc
+            failure = exc
+    if not _is_data_dependent(failure):
+        raise failure
+    notes.append("data-dependent branches resolved with the example inputs' values (torch.export.draft_export)")
+    return torch.export.draft_export(_TensorOutputs(model), args, kwargs, strict=False), notes
+
+
+def _is_data_dependent(exc: BaseException) -> bool:
+    """A guard on a value fake tensors do not know (torch.export cannot branch on it)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, _DATA_DEPENDENT) or "data-dependent expression" in str(seen):
+            return True  # export re-raises some of them as its own UserError, with this wording
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _missing_attention_masks(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """``attention_mask`` (``decoder_attention_mask``, ...) of ones for each ``*input_ids`` given
+    without its mask, where the forward takes one: what the model builds itself when not traced."""
+    try:
+        signature = inspect.signature(model.forward)
+        bound = signature.bind_partial(*args, **kwargs).arguments
+    except (TypeError, ValueError):
+        return {}
+    masks = {}
+    for name, value in bound.items():
+        if not (name.endswith("input_ids") and isinstance(value, torch.Tensor) and value.dim() == 2):
+            continue
+        mask_name = name.removesuffix("input_ids") + "attention_mask"
+        if mask_name in signature.parameters and bound.get(mask_name) is None:
+            masks[mask_name] = torch.ones_like(value)
+    return masks
+
+
+@contextlib.contextmanager
+def _quiet_export():
+    """torch.export logs the graph of a failed attempt and draft_export each branch it resolved:
+    a retry that succeeds says what it assumed in ``TracedModel.notes``, a failure in the error."""
+    loggers = [logging.getLogger(name) for name in _EXPORT_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _trace_export(model: nn.Module, inputs: ExampleInputs) -> TracedModel:
+    with _quiet_export():
+        program, notes = _export(model, inputs)
     graph = program.graph
     signature = program.graph_signature
     prefix = "wrapped."
@@ -224,6 +312,7 @@ def _trace_export(model: nn.Module, inputs: ExampleInputs) -> TracedModel:
         user_inputs=user_inputs,
         user_outputs=user_outputs,
         call_counts=Counter(),  # filled in by the probe run, which sees every call
+        notes=notes,
     )
 
 

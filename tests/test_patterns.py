@@ -9,7 +9,7 @@ import raptr_fx
 from raptr_fx import FullModel, find_blocks, transform
 from raptr_fx.skipping import OutputSlot
 from tests.fixtures import patterns
-from tests.fixtures.models import features
+from tests.fixtures.models import features, tokens
 
 BOTH = pytest.mark.parametrize("with_inputs", [False, True], ids=["symbolic", "with-inputs"])
 
@@ -154,19 +154,106 @@ def test_no_blocks_error_names_the_refused_units():
 
 
 def test_tracing_error_says_why_on_its_first_line():
-    class ReadsAValue(torch.nn.Module):
+    class ReadsNumpy(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.fc = torch.nn.Linear(16, 16)
 
         def forward(self, x):
-            if x.sum() > 0:  # data-dependent: neither tracer can follow it
+            if x.detach().numpy().sum() > 0:  # leaves torch: no tracer can follow it
                 x = x + self.fc(x)
             return x
 
     with pytest.raises(raptr_fx.TracingError) as info:
-        find_blocks(ReadsAValue(), features())
+        find_blocks(ReadsNumpy(), features())
     first = str(info.value).splitlines()[0]
-    assert first.startswith("could not trace ReadsAValue: torch.export (non-strict): ")
-    assert first.endswith("at test_patterns.py:" + str(ReadsAValue.forward.__code__.co_firstlineno + 1)
-                          + " (if x.sum() > 0:  # data-dependent: neither tracer can follow it)")
+    assert first.startswith("could not trace ReadsNumpy: torch.export (non-strict): ")
+    assert first.endswith("at test_patterns.py:" + str(ReadsNumpy.forward.__code__.co_firstlineno + 1)
+                          + " (if x.detach().numpy().sum() > 0:  # leaves torch: no tracer can follow it)")
+
+
+def test_a_default_attention_mask_skipped_while_traced_is_added():
+    model = patterns.DefaultMaskLM()
+    ids = tokens()[0]
+    discovery = raptr_fx.discover(model, {"input_ids": ids})
+    assert discovery.tracer == "torch.export"
+    assert [b.name for b in discovery.droppable] == ["layers.0", "layers.1"]
+    assert discovery.traced.notes == [
+        "attention_mask of ones added (the model's default, not built while traced)"]
+    reference = copy.deepcopy(model)
+    ctl = transform(model, FullModel(), example_inputs={"input_ids": ids})
+    ctl._state.set([False, True], [1.0, 1.0])
+    keep = torch.ones(*ids.shape, 1)
+    assert torch.equal(model(ids), reference.head(reference.layers[1](reference.embed(ids), keep)))
+
+
+def test_a_none_mask_the_forward_cannot_take_is_reported_not_added():
+    class NoMaskArgument(patterns.DefaultMaskLM):
+        def forward(self, input_ids):  # nothing to add: the error is the model's None read
+            return super().forward(input_ids)
+
+    with pytest.raises(raptr_fx.TracingError) as info:
+        find_blocks(NoMaskArgument(), {"input_ids": tokens()[0]})
+    first = str(info.value).splitlines()[0]
+    assert "TypeError: 'NoneType' object is not subscriptable at patterns.py:" in first
+    assert first.endswith("(keep = attention_mask[:, :, None].float()  # a None here fails the trace)")
+
+
+def test_a_data_dependent_branch_is_traced_as_the_example_takes_it():
+    model = patterns.GlobalTokenStack()
+    ids = tokens()[0]
+    is_global = (ids < 8).float()
+    assert is_global.any()  # the example takes the global branch
+    discovery = raptr_fx.discover(model, (ids,))
+    assert discovery.tracer == "torch.export"
+    assert discovery.traced.notes == [
+        "data-dependent branches resolved with the example inputs' values (torch.export.draft_export)"]
+    assert [b.name for b in discovery.droppable] == ["layers.0", "layers.1"]
+    reference = copy.deepcopy(model)
+    ctl = transform(model, FullModel(), example_inputs=(ids,))
+    model.eval()
+    assert torch.equal(model(ids), reference(ids))
+    model.train()
+    ctl._state.set([False, True], [1.0, 1.0])
+    out = model(ids)
+    assert torch.equal(out, reference.layers[1](reference.embed(ids), is_global))
+    out.sum().backward()
+    assert all(p.grad is None for p in model.layers[0].parameters())
+
+
+def test_layers_run_again_after_no_grad_calls_are_refused_as_shared():
+    # HrmText: the traced adds are the layers' second call (layers.0@1); once a KeyError.
+    model = patterns.RecurrentRefinement()
+    blocks = find_blocks(model, features())
+    assert sorted(b.name for b in blocks) == ["layers.0", "layers.1"]
+    assert [b.reason for b in blocks] == [
+        "called 2 times per forward (shared weights): one gate cannot tell the calls apart"] * 2
+    with pytest.raises(raptr_fx.RaptrError, match="layers.0: called 2 times per forward"):
+        transform(model, FullModel(), example_inputs=features())
+
+
+
+@BOTH
+def test_a_constant_scaled_shortcut_is_refused_with_its_scale(with_inputs):
+    blocks = find_blocks(patterns.ScaledShortcutStack(), inputs_or_none(with_inputs))
+    assert [(b.name, b.droppable) for b in blocks] == [("layers.0", False), ("layers.1", False)]
+    assert blocks[0].reason == ("its shortcut scales the stream (0.5 * x + f(x)), not the identity: skipped, it "
+                                "would have to return 0.5 * x, and returning x would change the stream")
+    with pytest.raises(raptr_fx.RaptrError, match=r"layers\.0: its shortcut scales the stream"):
+        transform(patterns.ScaledShortcutStack(), FullModel(), example_inputs=inputs_or_none(with_inputs))
+
+
+@BOTH
+def test_scaled_shortcut_branches_are_zero_units(with_inputs):
+    # Skipped as a branch, the MLP returns zeros and the parent still scales: 0.5 * x, exactly.
+    model = patterns.ScaledShortcutStack()
+    blocks = find_blocks(model, inputs_or_none(with_inputs), granularity="branch")
+    assert [(b.name, b.drop, b.droppable) for b in blocks] == [
+        ("layers.0.mlp", "zero", True), ("layers.1.mlp", "zero", True)]
+
+
+@BOTH
+def test_a_rotary_scale_inside_a_layer_is_no_shortcut(with_inputs):
+    blocks = find_blocks(patterns.RotaryStack(), inputs_or_none(with_inputs))
+    assert [(b.name, b.drop, b.droppable) for b in blocks] == [
+        ("layers.0", "identity", True), ("layers.1", "identity", True)]
