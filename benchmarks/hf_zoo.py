@@ -21,6 +21,8 @@ is "unbuildable" and not counted.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
 import json
 import os
 import signal
@@ -48,6 +50,8 @@ HEADS = 2
 VOCAB = 256
 SEQ = 8
 IMAGE = 32
+MAX_TINY_PARAMS = 10_000_000  # a tiny config that leaves a large table (hash embeddings) is not tiny
+MAX_DEPTH_ONLY_PARAMS = 40_000_000  # a fallback config keeping its widths must stay quick to check
 
 # A fixed sample for CI: dense decoders, sparse MoE, Bloom-style (hidden, attn_weights) layers,
 # T5-style position-bias tuples, encoder-decoders, masked LMs and vision encoders.
@@ -68,27 +72,103 @@ FFN_FIELDS = {"intermediate_size", "d_ff", "ffn_dim", "n_inner", "encoder_ffn_di
 HEAD_FIELDS = {"num_attention_heads", "n_head", "n_heads", "num_heads", "encoder_attention_heads",
                "decoder_attention_heads"}
 EXPERT_FIELDS = {"num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"}
+TOP_K_FIELDS = {"num_experts_per_tok", "moe_topk", "top_k", "num_selected_experts", "moe_k", "num_experts_per_token",
+                "experts_per_token"}
+KV_HEAD_FIELDS = {"num_key_value_heads", "n_head_kv", "num_kv_heads", "multi_query_group_num", "index_n_heads"}
+HEAD_DIM_FIELDS = {"head_dim", "d_kv", "attention_head_size", "kv_channels", "v_head_dim", "qk_head_dim",
+                   "index_head_dim", "attention_head_dim"}
+GROUP_FIELDS = {"num_groups", "n_groups", "mamba_n_groups", "num_norm_groups"}
+SSM_HEAD_FIELDS = [("mamba_n_heads", "mamba_d_head", "mamba_expand"), ("mamba_num_heads", "mamba_head_dim", "mamba_expand"),
+                   ("n_mamba_heads", "mamba_headdim", "mamba_expand")]
+STATE_FIELDS = {"state_size", "mamba_d_state", "d_state", "ssm_state_size"}
 
 
 # --- tiny configs ---------------------------------------------------------------------------------
-def shrink(config: Any) -> None:
-    """Shrink ``config`` (and its sub-configs) in place."""
-    values = {k: v for k, v in vars(config).items() if not k.startswith("_")}
-    old_layers = {v for k, v in values.items() if k in LAYER_FIELDS and isinstance(v, int)}
+# A config is rebuilt from keyword arguments, not edited after construction: its __post_init__
+# then derives what depends on the shrunk sizes (head_dim, num_key_value_heads, layer_types) as
+# it does for a real checkpoint. Fields whose declared default is None are such derived values
+# and are left out unless a rule sets them.
+def tiny_config(config_class: type, start: Any = None, widths: bool = True) -> Any:
+    """A tiny instance of ``config_class`` (from ``start``, an instance, or its defaults).
+
+    ``widths=False`` shrinks only depth, vocabulary, experts and dropout: the fallback for
+    architectures whose sizes are tied together in ways the generic rules do not know
+    (vision backbones with derived channel counts).
+    """
+    default = start if start is not None else config_class()
+    declared = {f.name: f.default for f in dataclasses.fields(config_class)} if dataclasses.is_dataclass(
+        config_class) else {}
+    values = {k: v for k, v in vars(default).items() if not k.startswith("_")}
+    old_layers = {v for k, v in values.items() if k in LAYER_FIELDS and isinstance(v, int) and v > LAYERS}
+    per_layer = {k: v for k, v in values.items() if isinstance(v, (list, tuple)) and len(v) in old_layers}
+    kept_layers = _kept_layers(per_layer.values())
+    kwargs: dict[str, Any] = {}
     for key, value in values.items():
+        if declared and key not in declared:
+            continue  # set by __post_init__ from other fields
         if isinstance(value, transformers.PretrainedConfig):
-            shrink(value)
+            kwargs[key] = tiny_config(type(value), value, widths)
             continue
-        new = _tiny_value(key, value, values)
-        if new is not value:
-            try:
-                setattr(config, key, new)
-            except Exception:  # a read-only property
-                pass
-        if isinstance(value, list) and len(value) in old_layers and len(value) > LAYERS:
-            setattr(config, key, value[:LAYERS])  # per-layer lists (layer_types, block_types)
-    if hasattr(config, "use_cache"):
-        config.use_cache = False
+        if key == "attention_layers" and "attention_types" in values:
+            continue  # GPT-Neo expands it from attention_types
+        if value is not None and declared.get(key, 0) is None and _derived(key) and key != "attention_types":
+            continue  # __post_init__ derived it: it derives it again from the shrunk sizes
+        new = _tiny_value(key, value, values, widths)
+        if key in per_layer:  # per-layer lists (layer_types, block_types): the same layers in each
+            new = [value[i] for i in kept_layers]
+        kwargs[key] = new
+    for key, value in _consistent(kwargs, widths).items():
+        kwargs[key] = value
+    if "use_cache" in values:
+        kwargs["use_cache"] = False
+    return config_class(**kwargs)
+
+
+def _kept_layers(per_layer_lists: Any) -> list[int]:
+    """The LAYERS layer indices kept: the first layer of each kind first (a hybrid model keeps
+    one attention and one linear-attention layer, a MoE model one dense and one sparse layer)."""
+    firsts: list[int] = []
+    for values in per_layer_lists:
+        seen = set()
+        for i, value in enumerate(values):
+            if repr(value) not in seen:
+                seen.add(repr(value))
+                if i not in firsts:
+                    firsts.append(i)
+    kept = sorted(firsts[:LAYERS])
+    for i in range(LAYERS):
+        if len(kept) < LAYERS and i not in kept:
+            kept.append(i)
+    return sorted(kept)
+
+
+def _derived(key: str) -> bool:
+    """Fields a config derives in __post_init__ when left None (sizes and per-layer lists)."""
+    return key.endswith(("_dim", "_heads", "_size", "_types", "_type", "_layers", "_ratio", "_pattern")) or key in (
+        "head_dim", "layer_types", "num_key_value_heads", "rope_parameters")
+
+
+def _consistent(kwargs: dict[str, Any], widths: bool) -> dict[str, Any]:
+    """Sizes that must agree with each other after shrinking (state-space heads, rotary dims)."""
+    fixed: dict[str, Any] = {}
+    if not widths:
+        return fixed
+    head = HIDDEN // HEADS
+    # State-space (Mamba-2) mixers: heads * head_dim == expand * hidden.
+    ssm_heads = list(SSM_HEAD_FIELDS)
+    if "state_size" in kwargs:  # a Mamba-2 config names them plainly
+        ssm_heads.append(("num_heads", "head_dim", "expand"))
+    for heads_key, dim_key, expand_key in ssm_heads:
+        if heads_key in kwargs and dim_key in kwargs:
+            fixed[dim_key] = head
+            fixed[heads_key] = max(1, int((kwargs.get(expand_key) or 2) * HIDDEN) // head)
+    if isinstance(kwargs.get("mamba_d_ssm"), int):  # the mixer's inner width, set apart from expand
+        fixed["mamba_d_ssm"] = int((kwargs.get("mamba_expand") or 2) * HIDDEN)
+        if "mamba_n_heads" in kwargs:
+            fixed["mamba_d_head"] = fixed["mamba_d_ssm"] // fixed.get("mamba_n_heads", kwargs["mamba_n_heads"])
+    if isinstance(kwargs.get("rotary_dim"), int):  # partial rotary within one head
+        fixed["rotary_dim"] = min(kwargs["rotary_dim"], head // 2)
+    return fixed
 
 
 def layer_count(config: Any, task: str) -> int:
@@ -112,7 +192,14 @@ def layer_count(config: Any, task: str) -> int:
     return count
 
 
-def _tiny_value(key: str, value: Any, values: dict[str, Any]) -> Any:
+def _tiny_value(key: str, value: Any, values: dict[str, Any], widths: bool = True) -> Any:
+    # A default of None that the model reads as a size (a checkpoint always sets it): set it.
+    if value is None and widths and key in KV_HEAD_FIELDS | HEAD_DIM_FIELDS:
+        value = 0  # derived by the model as num_heads or hidden // heads
+    if value is None and key in EXPERT_FIELDS | TOP_K_FIELDS | {"vocab_size"}:
+        value = VOCAB if key == "vocab_size" else 4
+    if value is None and key in ("pad_token_id", "n_shared_experts"):
+        return 1  # the example ids start at 4: nothing is padding
     if isinstance(value, bool) or not isinstance(value, (int, float, list, tuple)):
         return value
     if isinstance(value, float):
@@ -121,48 +208,82 @@ def _tiny_value(key: str, value: Any, values: dict[str, Any]) -> Any:
     if isinstance(value, tuple):
         value = list(value)
     if isinstance(value, list):
+        if key == "attention_types" and all(isinstance(v, list) and len(v) == 2 for v in value):
+            pattern = value[0][0]  # GPT-Neo: [[pattern, repeats]] spelling out the layers
+            return [[pattern, max(1, LAYERS // len(pattern))]]
         if key == "depths" and all(isinstance(v, int) for v in value):
             return [1] * len(value)
+        if not widths:
+            return original
         if key in ("hidden_sizes", "embed_dims", "dims") and all(isinstance(v, int) for v in value):
             return [HIDDEN * (i + 1) for i in range(len(value))]
         if key in ("num_heads", "num_attention_heads") and all(isinstance(v, int) for v in value):
             return [1] * len(value)
         return original
     if key in LAYER_FIELDS:
-        return LAYERS if value > 0 else value
-    if key in WIDTH_FIELDS:
-        return HIDDEN
-    if key in FFN_FIELDS:
-        return 2 * HIDDEN
-    if key in HEAD_FIELDS:
-        return HEADS
-    if key in ("num_key_value_heads", "n_head_kv", "num_kv_heads", "multi_query_group_num"):
-        return 1
-    if key == "head_dim" and "qk_rope_head_dim" in values:  # multi-head latent attention: rope part
-        return HIDDEN // HEADS // 2
-    if key in ("head_dim", "d_kv", "attention_head_size", "kv_channels", "v_head_dim"):
-        return HIDDEN // HEADS
-    if key in ("qk_rope_head_dim", "qk_nope_head_dim"):
-        return HIDDEN // HEADS // 2
-    if key == "qk_head_dim":
-        return HIDDEN // HEADS
-    if key in ("kv_lora_rank", "q_lora_rank"):
-        return HIDDEN // 2
+        return LAYERS if value > LAYERS else value
     if key in EXPERT_FIELDS:
         return 4
     if key in ("n_group", "topk_group"):  # expert groups: one group of the 4 experts
         return 1
-    if key in ("num_experts_per_tok", "moe_topk", "top_k", "num_selected_experts"):
+    if key in TOP_K_FIELDS:
         return min(value, 2)
-    if key == "vocab_size" and value > VOCAB:
+    if "vocab" in key and value > VOCAB:  # vocab_size, and extra tables (BLT's hash n-gram vocabulary)
         return VOCAB
     if key.endswith("_token_id") and value >= VOCAB:
         return VOCAB - 1
-    if key == "image_size" and value > IMAGE:
-        return IMAGE
     if key == "max_position_embeddings" and value > 512:
         return 512
+    if not widths:
+        return value
+    if key in WIDTH_FIELDS:
+        return HIDDEN
+    if key in FFN_FIELDS:
+        return 2 * HIDDEN
+    if key in HEAD_FIELDS or key in KV_HEAD_FIELDS:
+        return HEADS  # as many key/value heads as query heads: any grouping rule holds
+    if key == "head_dim" and "qk_rope_head_dim" in values:  # multi-head latent attention: rope part
+        return HIDDEN // HEADS // 2
+    if key in HEAD_DIM_FIELDS:
+        return HIDDEN // HEADS
+    if key in ("qk_rope_head_dim", "qk_nope_head_dim"):
+        return HIDDEN // HEADS // 2
+    if key in ("kv_lora_rank", "q_lora_rank"):
+        return HIDDEN // 2
+    if key in GROUP_FIELDS:
+        return 1  # one group divides any channel or head count
+    if key in STATE_FIELDS:
+        return 16
+    if key == "image_size" and value > IMAGE:
+        return IMAGE
     return value
+
+
+def build(model_class: type, task: str) -> tuple[Any, torch.nn.Module, dict[str, torch.Tensor], list[torch.Tensor]]:
+    """The tiny config, model, inputs and plain eval output; widths kept when shrinking them fails."""
+    failure: Exception | None = None
+    for widths in (True, False):
+        try:
+            config = tiny_config(model_class.config_class, widths=widths)
+            if task == "causal" and hasattr(config, "is_decoder"):
+                config.is_decoder = True  # what a causal-LM head of an encoder family expects
+            with torch.device("meta"):  # sized before any memory is taken
+                size = sum(p.numel() for p in model_class(config).parameters())
+            if size > (MAX_TINY_PARAMS if widths else MAX_DEPTH_ONLY_PARAMS):
+                raise RuntimeError(f"{model_class.__name__} has {size:,} parameters from its "
+                                   f"{'tiny' if widths else 'depth-only'} config: too large to sweep")
+            torch.manual_seed(0)
+            model = model_class(config).float().eval()
+            inputs = example_inputs(config, task, set(inspect.signature(model.forward).parameters))
+            with torch.no_grad():
+                reference = [t.clone() for t in tensors(model(**inputs))]
+        except Exception as exc:
+            failure = failure or exc  # the tiny config's error says most
+            continue
+        config.__dict__["_zoo_widths"] = widths
+        return config, model, inputs, reference
+    assert failure is not None
+    raise failure
 
 
 # --- the checks -----------------------------------------------------------------------------------
@@ -177,9 +298,10 @@ def architectures() -> list[tuple[str, str, str]]:
     return sorted(found.values())
 
 
-def example_inputs(config: Any, task: str) -> dict[str, torch.Tensor]:
+def example_inputs(config: Any, task: str, accepted: set[str] = frozenset({"pixel_values"})) -> dict[str, torch.Tensor]:
+    """Inputs for ``task``; ``accepted``: the forward's parameters (ImageGPT classifies token ids)."""
     generator = torch.Generator().manual_seed(0)
-    if task == "image":
+    if task == "image" and "pixel_values" in accepted:
         channels = getattr(config, "num_channels", 3)
         size = getattr(config, "image_size", IMAGE)
         size = size[0] if isinstance(size, (list, tuple)) else size
@@ -232,23 +354,18 @@ def same(before: dict[str, Any], after: dict[str, Any]) -> str | None:
     return None
 
 
-def check(model_type: str, task: str, class_name: str) -> dict[str, Any]:
+def check(model_type: str, task: str, class_name: str, build_only: bool = False) -> dict[str, Any]:
     result: dict[str, Any] = {"type": model_type, "task": task, "class": class_name}
     try:
-        config = transformers.CONFIG_MAPPING[model_type]()
-        shrink(config)
-        layers = layer_count(config, task)
-        result["layers"] = layers
-        model_class = getattr(transformers, class_name)
-        torch.manual_seed(0)
-        model = model_class(config).float().eval()
-        inputs = example_inputs(config, task)
-        with torch.no_grad():
-            reference = [t.clone() for t in tensors(model(**inputs))]
+        config, model, inputs, reference = build(getattr(transformers, class_name), task)
     except Exception as exc:
         return {**result, "status": "unbuildable", "detail": _one_line(exc)}
+    result["layers"] = layers = layer_count(config, task)
+    result["config"] = "tiny" if config.__dict__.get("_zoo_widths", True) else "depth only"
     if not reference:
         return {**result, "status": "unbuildable", "detail": "the plain forward returns no tensor"}
+    if build_only:
+        return {**result, "status": "built"}
     stage = "find_blocks"
     try:
         before = snapshot(model)
@@ -309,14 +426,14 @@ def _one_line(exc: BaseException) -> str:
 
 
 # --- one child per model ---------------------------------------------------------------------------
-def run_in_child(arch: tuple[str, str, str], timeout: float) -> dict[str, Any]:
+def run_in_child(arch: tuple[str, str, str], timeout: float, build_only: bool = False) -> dict[str, Any]:
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: run one model, write its result, exit without cleanup
         os.close(read)
         try:
             transformers.logging.set_verbosity_error()
-            payload = json.dumps(check(*arch), default=str).encode()
+            payload = json.dumps(check(*arch, build_only=build_only), default=str).encode()
         except BaseException as exc:  # noqa: BLE001 - report anything, never hang the parent
             payload = json.dumps({"type": arch[0], "task": arch[1], "class": arch[2], "status": "crash",
                                   "detail": _one_line(exc)}).encode()
@@ -363,6 +480,8 @@ def table(results: list[dict[str, Any]]) -> str:
 
 def summary(results: list[dict[str, Any]]) -> str:
     built = [r for r in results if r["status"] != "unbuildable"]
+    if all(r["status"] in ("built", "unbuildable") for r in results):  # --build-only
+        return f"{len(built)} of {len(results)} model types build from a tiny config"
     ok = sum(r["status"] == "ok" for r in built)
     fewer = sum(r["status"] == "fewer units" for r in built)
     refused = sum(r["status"] == "refused" for r in built)
@@ -380,7 +499,20 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=240.0, help="seconds per model (default 240)")
     parser.add_argument("--out", help="write the table and summary (markdown) to this file")
     parser.add_argument("--json", help="write the raw results (JSON lines) to this file")
+    parser.add_argument("--from-json", help="print the table from saved --json results; a later line for a "
+                        "model type replaces an earlier one (rerun the failures with --only and append)")
+    parser.add_argument("--build-only", action="store_true",
+                        help="only build each tiny model and run its plain forward (checks the config shrinking)")
     args = parser.parse_args()
+    if args.from_json:
+        by_type = {}
+        for line in Path(args.from_json).read_text().splitlines():
+            if line.strip():
+                result = json.loads(line)
+                by_type[result["type"]] = result
+        results = [by_type[k] for k in sorted(by_type)]
+        print(f"{table(results)}\n\n{summary(results)}")
+        return
     torch.set_num_threads(1)
     archs = architectures()
     if args.only or args.sample:
@@ -392,7 +524,7 @@ def main() -> None:
     results = []
     for arch in archs:
         start = time.monotonic()
-        result = run_in_child(arch, args.timeout)
+        result = run_in_child(arch, args.timeout, args.build_only)
         result["seconds"] = round(time.monotonic() - start, 1)
         results.append(result)
         print(f"{result['type']:32s} {result['status']:14s} {result.get('units', '')!s:>3}/"
