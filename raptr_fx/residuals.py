@@ -37,6 +37,9 @@ _PASS_THROUGH = {"to", "_to_copy", "alias", "clone", "contiguous", "detach", "ty
 # no data flows from the input to them.
 _METADATA_FACTORIES = {"ones_like", "zeros_like", "empty_like", "full_like", "new_ones", "new_zeros",
                        "new_empty", "new_full"}
+# ``a.expand_as(b)`` and the like: the values are a's, b gives only its shape or dtype
+# (GPT-NeoX-Japanese adds ``dense_bias.expand_as(residual)``: no shortcut through the residual).
+_LIKE_SECOND = {"expand_as", "view_as", "reshape_as", "type_as"}
 # A projection shortcut is short (conv + norm); a residual branch is longer than its shortcut.
 _MAX_SHORTCUT_OPS = 3
 
@@ -70,8 +73,9 @@ def dataflow_graph(traced: TracedModel) -> nx.DiGraph:
         if _op_name(node) in _METADATA_FACTORIES:
             continue
         for arg in node.all_input_nodes:
-            if not is_shape_query(arg):
-                graph.add_edge(arg, node)
+            if is_shape_query(arg) or (_op_name(node) in _LIKE_SECOND and arg is not node.args[0]):
+                continue
+            graph.add_edge(arg, node)
         if _is_inplace(node):
             # ``h.add_(y)`` updates h: later readers of h read the update (torch.fx records them as
             # readers of h itself; torch.export's functional graph needs no help).

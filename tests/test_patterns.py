@@ -257,3 +257,10 @@ def test_a_rotary_scale_inside_a_layer_is_no_shortcut(with_inputs):
     blocks = find_blocks(patterns.RotaryStack(), inputs_or_none(with_inputs))
     assert [(b.name, b.drop, b.droppable) for b in blocks] == [
         ("layers.0", "identity", True), ("layers.1", "identity", True)]
+
+
+@BOTH
+def test_a_bias_expanded_as_the_stream_is_no_shortcut(with_inputs):
+    blocks = find_blocks(patterns.ExpandedBiasStack(), inputs_or_none(with_inputs))
+    assert [(b.name, b.drop, b.droppable) for b in blocks] == [
+        ("layers.0", "identity", True), ("layers.1", "identity", True)]
