@@ -77,7 +77,7 @@ POINTS = {
     "B": Point(64, 2400, ("full", "full-short", "raptr", "pld")),
     "C": Point(32, 6000, ("full", "full-short", "raptr", "pld")),
 }
-QUICK = Point(32, 60, ("full", "raptr"))
+QUICK = Point(32, 60, ("full", "raptr", "width"))
 VERDICT_METHODS = ("full", "full-short", "raptr")
 GRID_LRS = (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2)  # each edge added when the last edge was best for some method
 GRID_INITS = ("gpt2", "default")
@@ -127,7 +127,7 @@ WIDTH_METHODS = {
     "width": "WidthRaPTr 0.25-0.5-0.75-1 (MLP hidden units)",
     "depth-width": "RaPTr 9-10-11-12 x width 0.5-0.7-0.85-1 (both grow every stage)",
 }
-WIDTH_LRS = (4e-3, 8e-3, 1.6e-2)  # around the tuned LRs of full (4e-3) and raptr (8e-3)
+WIDTH_LRS = (2e-3, 4e-3, 8e-3, 1.6e-2)  # around the tuned LRs of full (4e-3) and raptr (8e-3); 2e-3: 4e-3 was best
 
 
 def mean_keep(schedule: raptr_fx.Schedule, steps: int, num_units: int = 12) -> float:
@@ -726,7 +726,7 @@ def main() -> None:
     add_device_args(parser)
     parser.add_argument("--point", default="A", help="A, B, C, a comma list, or all")
     parser.add_argument("--methods", default=None, help="comma-separated subset of the point's methods")
-    parser.add_argument("--quick", action="store_true", help="width 32, 60 steps, full vs raptr")
+    parser.add_argument("--quick", action="store_true", help="width 32, 60 steps, full vs raptr vs width")
     parser.add_argument("--width", type=int, default=None, help="override the point's width")
     parser.add_argument("--steps", type=int, default=None, help="override the point's steps")
     parser.add_argument("--batch", type=int, default=32)
