@@ -13,6 +13,7 @@ ProgressiveLayerDrop         1 - i/L * (1 - theta(t))               inverse
 StochasticDepth              1 - drop_rate * i/(L - 1)              inverse
 LayerDrop                    1 - p                                  none
 FullModel                    1                                      none
+WidthRaPTr "0.5-0.67-0.83-1" 1 (each width group keeps f of parts)  none
 ===========================  =====================================  ===========
 """
 
@@ -201,14 +202,8 @@ class RaPTr(Schedule):
         return tuple(replace(s, width=f) for s, f in zip(stages, fractions))
 
     def width_fraction(self, step: int) -> float:
-        if not self.cuts_width:
-            return 1.0
         width = self.resolved[self.stage_index(step)].width
         return 1.0 if width is None else width
-
-    @property
-    def cuts_width(self) -> bool:
-        return any(s.width is not None and s.width < 1.0 for s in self.resolved)
 
     def _refuse_shrinking(self) -> None:
         """RaPTr's subnetwork grows; a schedule that shrinks it is Progressive Layer Dropping's idea."""
