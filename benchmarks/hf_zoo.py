@@ -212,7 +212,9 @@ def _tiny_value(key: str, value: Any, values: dict[str, Any], widths: bool = Tru
             pattern = value[0][0]  # GPT-Neo: [[pattern, repeats]] spelling out the layers
             return [[pattern, max(1, LAYERS // len(pattern))]]
         if key == "depths" and all(isinstance(v, int) for v in value):
-            return [1] * len(value)
+            # One layer per stage, two in the first: a stage's first layer projects its shortcut
+            # in most backbones, the second keeps the identity.
+            return [2] + [1] * (len(value) - 1)
         if not widths:
             return original
         if key in ("hidden_sizes", "embed_dims", "dims") and all(isinstance(v, int) for v in value):
@@ -222,8 +224,8 @@ def _tiny_value(key: str, value: Any, values: dict[str, Any], widths: bool = Tru
         return original
     if key in LAYER_FIELDS:
         return LAYERS if value > LAYERS else value
-    if key in EXPERT_FIELDS:
-        return 4
+    if key in EXPERT_FIELDS or (key.endswith(("_experts", "expert_num")) and value > 4):
+        return 4  # routed experts (and LongCat's zero experts); shared experts stay as they are
     if key in ("n_group", "topk_group"):  # expert groups: one group of the 4 experts
         return 1
     if key in TOP_K_FIELDS:
@@ -238,7 +240,7 @@ def _tiny_value(key: str, value: Any, values: dict[str, Any], widths: bool = Tru
         return value
     if key in WIDTH_FIELDS:
         return HIDDEN
-    if key in FFN_FIELDS:
+    if key in FFN_FIELDS or key.endswith(("_intermediate_size", "ffn_hidden_size", "_ffn_dim")):
         return 2 * HIDDEN
     if key in HEAD_FIELDS or key in KV_HEAD_FIELDS:
         return HEADS  # as many key/value heads as query heads: any grouping rule holds

@@ -132,7 +132,8 @@ def discover(
         traced.call_counts.update(measured.call_counts)
     graph = dataflow_graph(traced)
     residuals = find_residuals(traced, graph)
-    blocks = _Grouping(model, traced, graph, residuals, measured).blocks(granularity)
+    links = find_residuals(traced, graph, parameter_free=True)
+    blocks = _Grouping(model, traced, graph, residuals, measured, links).blocks(granularity)
     return Discovery(
         model_type=type(model).__name__,
         blocks=blocks,
@@ -163,8 +164,10 @@ class _Grouping:
     ``skipping.judge`` decides droppability from; one instance per discovery."""
 
     def __init__(self, model: nn.Module, traced: TracedModel, graph: nx.DiGraph,
-                 residuals: list[Residual], measured: Probe | None):
+                 residuals: list[Residual], measured: Probe | None, links: list[Residual] = ()):
         self.model = model
+        # Parameter-free adds x + g(x): a layer's stream may start with one (FNet: LN(x + fft(x))).
+        self.links = list(links)
         self.modules = dict(model.named_modules())
         self.traced = traced
         self.graph = graph
@@ -202,7 +205,13 @@ class _Grouping:
             inside = [r for r in self.residuals if self.contained(name, r)]
             if not inside:
                 continue
-            if inside[0].origin not in self.inputs(name):
+            inputs = self.inputs(name)
+            # A parameter-free add on the module's input starts its stream (FNet's Fourier mixing,
+            # then post-LN): skipped, the layer returns that input, removing the mixing with the rest.
+            starts = [r for r in self.links if self.contained(name, r) and r.origin in inputs
+                      and self.order[r.add] < self.order[inside[0].add]]
+            inside = starts[:1] + inside
+            if inside[0].origin not in inputs:
                 continue
             if len(self.stream_outputs(name, inside[0].add)) == 1:
                 candidates[name] = inside

@@ -160,8 +160,13 @@ class _Ancestry:
         return frozenset(found)
 
 
-def find_residuals(traced: TracedModel, graph: nx.DiGraph) -> list[Residual]:
-    """Every residual add of ``traced``, in graph order."""
+def find_residuals(traced: TracedModel, graph: nx.DiGraph, parameter_free: bool = False) -> list[Residual]:
+    """Every residual add of ``traced``, in graph order.
+
+    A branch without parameters (``x + x ** 3`` inside a GELU) is no residual unit: nothing to
+    drop. ``parameter_free=True`` returns only those adds ``x + g(x)`` (FNet's Fourier mixing):
+    a layer whose stream starts with one is still a layer (see ``_Grouping.layer_candidates``).
+    """
     ancestry = _Ancestry(graph, list(traced.graph.nodes))
 
     def params_of(nodes: frozenset[fx.Node]) -> frozenset[str]:
@@ -185,7 +190,7 @@ def find_residuals(traced: TracedModel, graph: nx.DiGraph) -> list[Residual]:
             continue
         residual = _classify(node, *operands, ancestry=ancestry, params_of=params_of, found=found,
                              source=lambda n, add=node: source(n, add))
-        if residual is not None and residual.params and carries_data(residual.origin):
+        if residual is not None and bool(residual.params) != parameter_free and carries_data(residual.origin):
             origin = source(residual.origin, node)
             if origin is not residual.origin:
                 residual = replace(residual, origin=origin,

@@ -264,3 +264,19 @@ def test_a_bias_expanded_as_the_stream_is_no_shortcut(with_inputs):
     blocks = find_blocks(patterns.ExpandedBiasStack(), inputs_or_none(with_inputs))
     assert [(b.name, b.drop, b.droppable) for b in blocks] == [
         ("layers.0", "identity", True), ("layers.1", "identity", True)]
+
+
+@BOTH
+def test_a_layer_starting_with_parameter_free_mixing_is_a_layer(with_inputs):
+    model = patterns.FourierStack()
+    blocks = find_blocks(model, inputs_or_none(with_inputs))
+    assert [(b.name, b.drop, b.droppable) for b in blocks] == [
+        ("layers.0", "identity", True), ("layers.1", "identity", True)]
+    reference = copy.deepcopy(model)
+    ctl = transform(model, FullModel(), example_inputs=inputs_or_none(with_inputs))
+    ctl._state.set([False, True], [1.0, 1.0])
+    x = features()[0]
+    out = model(x)
+    assert torch.equal(out, reference.layers[1](x))  # layer 0 skipped whole: mixing and norms too
+    out.sum().backward()
+    assert all(p.grad is None for p in model.layers[0].parameters())
