@@ -235,6 +235,7 @@ def _export(model: nn.Module, inputs: ExampleInputs) -> tuple[torch.export.Expor
             return torch.export.export(_TensorOutputs(model), args, kwargs, strict=False), notes
         except Exception as exc:
             if not _is_data_dependent(exc):
+                failure.add_note(f"retried with {', '.join(masks)} of ones added: {_first_line(exc)}")
                 raise failure from exc
             failure = exc
     if not _is_data_dependent(failure):
@@ -368,6 +369,7 @@ def trace(
     if unknown:
         raise ValueError(f"unknown tracer option(s) {sorted(unknown)}; expected one of {sorted(_TRACER_OPTIONS)}")
     failures: list[str] = []
+    retries: list[str] = []  # what torch.export tried again, and how that failed
     try:
         return _trace_symbolic(model, tracer_options)
     except Exception as exc:  # symbolic tracing fails in many ways on dynamic Python
@@ -377,9 +379,10 @@ def trace(
             return _trace_export(model, example_inputs)
         except Exception as exc:
             failures.append(f"torch.export (non-strict): {_first_line(exc)}")
+            retries = list(getattr(exc, "__notes__", ()))
     else:
         failures.append("torch.export (non-strict): skipped, needs example inputs")
-    reasons = "\n".join(f"  - {line}" for line in failures)
+    reasons = "\n".join([f"  - {line}" for line in failures] + [f"    {line}" for line in retries])
     # The first line says why: the last tracer tried with inputs, the symbolic tracer without.
     main = failures[-1] if example_inputs is not None else failures[0]
     # With example inputs, the model already ran on them (the probe): the tracers are what failed.

@@ -280,3 +280,18 @@ def test_a_layer_starting_with_parameter_free_mixing_is_a_layer(with_inputs):
     assert torch.equal(out, reference.layers[1](x))  # layer 0 skipped whole: mixing and norms too
     out.sum().backward()
     assert all(p.grad is None for p in model.layers[0].parameters())
+
+
+def test_a_mask_retry_that_fails_too_is_in_the_error():
+    class FailsAnyway(patterns.DefaultMaskLM):
+        def forward(self, input_ids, attention_mask=None):
+            if attention_mask is not None and attention_mask.detach().numpy().all():  # leaves torch
+                attention_mask = attention_mask * 1
+            return super().forward(input_ids, attention_mask)
+
+    with pytest.raises(raptr_fx.TracingError) as info:
+        find_blocks(FailsAnyway(), {"input_ids": tokens()[0]})
+    lines = str(info.value).splitlines()
+    assert "'NoneType' object is not subscriptable" in lines[0]  # the first failure: the None read
+    assert any(line.strip().startswith("retried with attention_mask of ones added: ") and "numpy" in line
+               for line in lines[1:])
