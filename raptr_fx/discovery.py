@@ -166,6 +166,7 @@ class _Grouping:
     def __init__(self, model: nn.Module, traced: TracedModel, graph: nx.DiGraph,
                  residuals: list[Residual], measured: Probe | None, links: list[Residual] = ()):
         self.model = model
+        self.granularity: Granularity = "layer"  # set by blocks()
         # Parameter-free adds x + g(x): a layer's stream may start with one (FNet: LN(x + fft(x))).
         self.links = list(links)
         self.modules = dict(model.named_modules())
@@ -278,6 +279,7 @@ class _Grouping:
 
     # -- assembly ----------------------------------------------------------------------
     def blocks(self, granularity: Granularity) -> list[Block]:
+        self.granularity = granularity
         units: list[tuple[int, str, DropRule, list[Residual]]] = []
         covered: set[Residual] = set()
         if granularity == "layer":
@@ -307,7 +309,7 @@ class _Grouping:
             names = frozenset().union(*(r.params for r in residuals))
             params = sum(self.model.get_parameter(n).numel() for n in names)
             return Block(name, index, drop, "-", params, None, False,
-                         "the branch is not one module call; use granularity='layer'")
+                         f"the branch is not one module call; {self.zero_fix()}")
         params = sum(p.numel() for p in module.parameters())
         flops = None
         if self.measured is not None and self.measured.total_flops:
@@ -320,6 +322,13 @@ class _Grouping:
                      verdict.reason, verdict.stream_position, verdict.stream_name,
                      verdict.output_container, verdict.output_slots)
 
+    def zero_fix(self) -> str:
+        """What to do about a refused zero unit: at layer granularity, the modules around its add
+        were tried as layers already, so asking for granularity='layer' would not help."""
+        if self.granularity == "branch":
+            return "use granularity='layer'"
+        return "and no module around it is a layer (one taking the stream as an input and returning it once)"
+
     # -- facts for the judgement (skipping.judge) ----------------------------------------
     def facts(self, name: str, module: nn.Module, drop: DropRule, residuals: list[Residual]) -> UnitFacts:
         call = self.measured.calls.get(name) if self.measured else None
@@ -331,6 +340,7 @@ class _Grouping:
             calls=self.traced.call_counts.get(name, 1),
             projection=self.projection(residuals),
             shortcut_scale=next((r.shortcut_scale for r in residuals if r.shortcut_scale is not None), None),
+            zero_fix=self.zero_fix(),
             weights_after=self.weights_after(name, residuals) if drop == "zero" else [],
             weights_before=self.weights_before(name, drop, residuals, output),
             output=output,

@@ -105,6 +105,7 @@ class UnitFacts:
     calls: int  # calls per forward
     projection: list[str] | None  # identity units: the modules of a projection shortcut, if any
     shortcut_scale: float | None  # identity units: the shortcut is ``x * shortcut_scale`` (a constant)
+    zero_fix: str  # zero units refused: what would make the layer around them the unit
     weights_after: list[str]  # zero units: parameters outside it on the branch after it (layer scale)
     weights_before: list[str]  # parameters outside it whose results only it consumes (a parent's norm)
     output: ObservedOutput | None  # what the call returned; None: not observed (one tensor assumed)
@@ -144,10 +145,10 @@ def judge(facts: UnitFacts) -> Verdict:
     if facts.weights_after:
         return Verdict(f"the branch also runs weights outside {facts.name} on its result "
                        f"({_listing(facts.weights_after)}): skipped, they would still run on its zeros and "
-                       "keep training; use granularity='layer'")
+                       f"keep training; {facts.zero_fix}")
     if facts.weights_before:
         where = "the branch also runs weights outside" if facts.drop == "zero" else "it reads weights computed outside"
-        fix = "use granularity='layer'" if facts.drop == "zero" else f"compute them inside {facts.name}"
+        fix = facts.zero_fix if facts.drop == "zero" else f"compute them inside {facts.name}"
         return Verdict(f"{where} {facts.name} that only it uses ({_listing(facts.weights_before)}): skipped, "
                        f"they would still run for nothing and not be frozen with it; {fix}")
     output = facts.output or ObservedOutput("tensor")

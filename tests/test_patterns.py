@@ -295,3 +295,15 @@ def test_a_mask_retry_that_fails_too_is_in_the_error():
     assert "'NoneType' object is not subscriptable" in lines[0]  # the first failure: the None read
     assert any(line.strip().startswith("retried with attention_mask of ones added: ") and "numpy" in line
                for line in lines[1:])
+
+
+@pytest.mark.parametrize("granularity, fix", [
+    ("layer", "and no module around it is a layer (one taking the stream as an input and returning it once)"),
+    ("branch", "use granularity='layer'"),
+])
+def test_a_refused_branch_says_what_to_do_at_each_granularity(granularity, fix):
+    # At layer granularity the modules around the add were tried as layers: asking for it would not help.
+    blocks = find_blocks(patterns.RootResiduals(), features(), granularity=granularity)
+    assert [(b.name, b.droppable) for b in blocks] == [("fc2.0", False), ("fc2.1", False)]
+    assert blocks[0].reason == ("the branch also runs weights outside fc2.0 that only it uses (fc1.0.bias, "
+                                f"fc1.0.weight): skipped, they would still run for nothing and not be frozen with it; {fix}")
