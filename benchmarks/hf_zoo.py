@@ -64,9 +64,9 @@ TASKS = [("causal", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"), ("seq2seq", "MODEL_FOR
          ("masked", "MODEL_FOR_MASKED_LM_MAPPING_NAMES"), ("image", "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES")]
 
 LAYER_FIELDS = {"num_hidden_layers", "num_layers", "n_layer", "n_layers", "encoder_layers", "decoder_layers",
-                "num_decoder_layers", "num_encoder_layers"}
+                "num_decoder_layers", "num_encoder_layers", "num_self_attends_per_block"}
 WIDTH_FIELDS = {"hidden_size", "d_model", "n_embd", "dim", "embed_dim", "hidden_dim", "n_embed", "d_embed",
-                "word_embed_proj_dim", "embedding_size"}
+                "word_embed_proj_dim", "embedding_size", "emb_dim", "d_latents", "lru_width"}
 FFN_FIELDS = {"intermediate_size", "d_ff", "ffn_dim", "n_inner", "encoder_ffn_dim", "decoder_ffn_dim",
               "moe_intermediate_size", "shared_expert_intermediate_size", "inner_hidden_size", "hidden_dim_ffn"}
 HEAD_FIELDS = {"num_attention_heads", "n_head", "n_heads", "num_heads", "encoder_attention_heads",
@@ -111,11 +111,12 @@ def tiny_config(config_class: type, start: Any = None, widths: bool = True) -> A
             continue
         if key == "attention_layers" and "attention_types" in values:
             continue  # GPT-Neo expands it from attention_types
-        if value is not None and declared.get(key, 0) is None and _derived(key) and key != "attention_types":
-            continue  # __post_init__ derived it: it derives it again from the shrunk sizes
-        new = _tiny_value(key, value, values, widths)
         if key in per_layer:  # per-layer lists (layer_types, block_types): the same layers in each
-            new = [value[i] for i in kept_layers]
+            new = [value[i] for i in kept_layers]  # (a derived default may not follow the layer count)
+        elif value is not None and declared.get(key, 0) is None and _derived(key) and key != "attention_types":
+            continue  # __post_init__ derived it: it derives it again from the shrunk sizes
+        else:
+            new = _tiny_value(key, value, values, widths)
         kwargs[key] = new
     for key, value in _consistent(kwargs, widths).items():
         kwargs[key] = value
@@ -182,7 +183,7 @@ def layer_count(config: Any, task: str) -> int:
         return encoder + decoder
     if decoder:  # a causal LM of an encoder-decoder family: its decoder alone
         return decoder
-    count = first("num_hidden_layers", "num_layers", "n_layer", "n_layers")
+    count = first("num_hidden_layers", "num_layers", "n_layer", "n_layers", "num_self_attends_per_block")
     if not count and isinstance(getattr(config, "depths", None), (list, tuple)):
         count = sum(config.depths)
     if not count:  # a composite config: its text or vision part

@@ -327,7 +327,7 @@ class _Grouping:
         were tried as layers already, so asking for granularity='layer' would not help."""
         if self.granularity == "branch":
             return "use granularity='layer'"
-        return "and no module around it is a layer (one taking the stream as an input and returning it once)"
+        return "no module around it is a layer (one taking the stream as an input and returning it once)"
 
     # -- facts for the judgement (skipping.judge) ----------------------------------------
     def facts(self, name: str, module: nn.Module, drop: DropRule, residuals: list[Residual]) -> UnitFacts:

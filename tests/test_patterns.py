@@ -298,7 +298,7 @@ def test_a_mask_retry_that_fails_too_is_in_the_error():
 
 
 @pytest.mark.parametrize("granularity, fix", [
-    ("layer", "and no module around it is a layer (one taking the stream as an input and returning it once)"),
+    ("layer", "no module around it is a layer (one taking the stream as an input and returning it once)"),
     ("branch", "use granularity='layer'"),
 ])
 def test_a_refused_branch_says_what_to_do_at_each_granularity(granularity, fix):
