@@ -603,11 +603,43 @@ def tuned_report(args: argparse.Namespace) -> str:
     lines.append("")
     if "raptr" in best:
         lines += defaults_table(records, *best["raptr"], args)
+    lines += width_table(records, best, args)
     text = "\n".join(lines)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "quality_tuned.md").write_text(text + "\n")
     images = [plot_grid(records, args)] + [plot_verdict(name, records, best, args) for name in ("A", "B", "C")]
     return text + "\n" + "\n".join(f"plot: {i}" for i in images if i)
+
+
+def width_table(records: dict[str, dict], best: dict, args: argparse.Namespace) -> list[str]:
+    """Width-wise RaPTr (issue 14) at width's best grid setting against the tuned verdict's methods."""
+    grid = [r for r in records.values() if r["run"]["method"] == "width" and r["run"]["point"] == "A"
+            and r["run"]["seed"] == 0 and r["run"]["lr"] in WIDTH_LRS]
+    if not grid:
+        return []
+    setting = best_width_setting(records)
+    lines = ["#### Width-wise RaPTr (issue 14): grid at point A, seed 0", "",
+             "| lr | " + " | ".join(f"{lr:g}" for lr in WIDTH_LRS) + " |", "|---|" + "---|" * len(WIDTH_LRS),
+             "| width | " + " | ".join(
+                 f"{rec['final_val']:.3f}" if (rec := records.get(make_run('A', 'width', POINTS['A'], lr, 'gpt2', 0, args).key()))
+                 else "(not run)" for lr in WIDTH_LRS) + " |", "",
+             f"#### Width-wise RaPTr at lr {setting[0]:g}, {setting[1]} (width's best at A), per seed; "
+             "the other methods at their own best settings; all but full at 0.75 block compute", "",
+             "| point | method | seeds | final val loss | minus full-short (equal compute) | minus full (equal steps) | "
+             "minus raptr (depth-wise) |", "|---|---|---|---|---|---|---|"]
+    methods = {m: best.get(m) for m in VERDICT_METHODS}
+    for name in ("A", "B", "C"):
+        base = {m: by_seed(records, name, m, s, args) for m, s in methods.items() if s is not None}
+        for method in (*WIDTH_METHODS, "width-inverse"):
+            mine = by_seed(records, name, method, setting, args)
+            if not mine:
+                continue
+            gaps = {m: [mine[seed]["final_val"] - rec[seed]["final_val"] for seed in mine if seed in rec]
+                    for m, rec in base.items()}
+            lines.append(f"| {name} | {method} | {', '.join(map(str, sorted(mine)))} | "
+                         f"{_fmt([r['final_val'] for r in mine.values()])} | {_fmt(gaps.get('full-short', []))} | "
+                         f"{_fmt(gaps.get('full', []))} | {_fmt(gaps.get('raptr', []))} |")
+    return lines + [""]
 
 
 def defaults_table(records: dict[str, dict], lr: float, init: str, args: argparse.Namespace) -> list[str]:
