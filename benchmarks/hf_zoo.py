@@ -1,7 +1,8 @@
 """Every architecture of the installed transformers, built tiny, through find_blocks and transform.
 
-For each model type with a causal-LM, seq2seq-LM, masked-LM or image-classification head, the
-default config is shrunk (2 layers, hidden 32, float32, CPU, dropout off, no cache) and checked:
+For each model type with a causal-LM, seq2seq-LM, masked-LM or image-classification head, a tiny
+config is built (2 layers, hidden 32, float32, CPU, dropout off, no cache; see ``tiny_config``)
+and checked:
 
 * units: droppable units found against the config's layer count (fewer or none: the refusal reasons);
 * untouched: ``find_blocks`` leaves every module's ``__dict__``, buffers and hooks as they were;
@@ -13,8 +14,9 @@ Each model runs in a forked child with a timeout (the parent imports torch and t
 so a child costs little). A type whose tiny config does not build, or whose plain forward fails,
 is "unbuildable" and not counted.
 
-    python benchmarks/hf_zoo.py                    # every architecture (about an hour on one core)
-    python benchmarks/hf_zoo.py --sample           # the fixed CI sample (a few minutes)
+    python benchmarks/hf_zoo.py                    # every architecture (about 15 minutes on one core)
+    python benchmarks/hf_zoo.py --sample           # the fixed CI sample (about a minute)
+    python benchmarks/hf_zoo.py --build-only       # only whether each tiny config builds and runs
     python benchmarks/hf_zoo.py --only bloom,t5 --out zoo.md
 """
 
