@@ -11,7 +11,9 @@ Target: at least 22% less.
 4. Width (``--cases width``, on by default): WidthRaPTr with each MLP keeping f of its hidden units,
    f = 0.5 and 0.75, vs the ideal line, outside + f * MLPs, where outside is measured on a copy
    whose MLPs return zeros. Target: within 5%; overhead with f = 1 at most 2%. Also the cost of
-   freezing the parts not kept (saved and written back around optimizer.step()).
+   freezing the parts not kept (saved and written back around optimizer.step()), and the step
+   against a model built with f x H hidden units, which is what a cut can at best reach: smaller
+   matmuls run at lower efficiency, and the optimizer still updates all H units' parameters.
 5. Narrow and deep (``--cases narrow``): 48 units of width 64, batch 32, half on: k/ideal against a
    fair ideal line (its optimizer holds the missing units' parameters, without gradients) and
    raptr_fx's own host time per step as a share of the step. Targets: 1.03 and 1%.
@@ -147,6 +149,16 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, float]:
     return result
 
 
+def with_mlp_width(model: GPT, fraction: float) -> GPT:
+    """A copy of ``model`` whose MLPs are built with ``fraction`` of their hidden units."""
+    small = copy.deepcopy(model)
+    for block in small.transformer.h:
+        hidden = round(fraction * block.mlp.c_fc.out_features)
+        block.mlp.c_fc = nn.Linear(block.mlp.c_fc.in_features, hidden, device=block.mlp.c_fc.weight.device)
+        block.mlp.c_proj = nn.Linear(hidden, block.mlp.c_proj.out_features, device=block.mlp.c_proj.weight.device)
+    return small
+
+
 class _NoMLP(nn.Module):
     """An MLP that computes nothing: the model outside the width groups, for the ideal line."""
 
@@ -170,19 +182,21 @@ def measure_width(args: argparse.Namespace, mode: str) -> dict[str, float]:
     ctl = raptr_fx.transform(cut, schedule, example_inputs=example, compile_mode="regional")
     ctl_unfrozen = raptr_fx.transform(cut_unfrozen, schedule, example_inputs=example)
     runners = {"base": Runner(base, args, compiled), "outside": Runner(outside, args, compiled),
-               "cut": Runner(cut, args, compiled, counter), "unfrozen": Runner(cut_unfrozen, args, compiled)}
+               "cut": Runner(cut, args, compiled, counter), "unfrozen": Runner(cut_unfrozen, args, compiled),
+               **{f"built{f}": Runner(with_mlp_width(base, f), args, compiled) for f in (0.5, 0.75)}}
     ctl.attach(runners["cut"].optimizer, step_with_optimizer=False)  # pinned to each stage below
     ctl_unfrozen.attach(runners["unfrozen"].optimizer, freeze_dropped=False, step_with_optimizer=False)
-    for name in ("base", "outside", "unfrozen"):
+    for name in ("base", "outside", "unfrozen", "built0.5", "built0.75"):
         runners[name].per_step(args.warmup)
     for stage in range(len(fractions)):  # warm up every kept size: each compiles once
         ctl.load_state_dict({**ctl.state_dict(), "step": stage})
         runners["cut"].per_step(args.warmup)
     frames_after_warmup = counter.frame_count
-    samples: dict[str, list[float]] = {k: [] for k in ("base", "outside", "f0.5", "f0.75", "f1.0", "f0.5 unfrozen")}
+    samples: dict[str, list[float]] = {k: [] for k in ("base", "outside", "built0.5", "built0.75", "f0.5", "f0.75",
+                                                        "f1.0", "f0.5 unfrozen")}
     for _ in range(args.rounds):
-        samples["base"] += runners["base"].per_step(args.steps)
-        samples["outside"] += runners["outside"].per_step(args.steps)
+        for name in ("base", "outside", "built0.5", "built0.75"):
+            samples[name] += runners[name].per_step(args.steps)
         for stage, f in enumerate(fractions):
             ctl.load_state_dict({**ctl.state_dict(), "step": stage})
             samples[f"f{f}"] += runners["cut"].per_step(args.steps)
@@ -193,6 +207,9 @@ def measure_width(args: argparse.Namespace, mode: str) -> dict[str, float]:
     result = {
         f"{mode} width f=1 overhead (all kept / untransformed)": t["f1.0"] / t["base"],
         **{f"{mode} width f={f}: measured / ideal": t[f"f{f}"] / (t["outside"] + f * mlp) for f in (0.5, 0.75)},
+        **{f"{mode} width f={f}: model built at f / ideal": t[f"built{f}"] / (t["outside"] + f * mlp)
+           for f in (0.5, 0.75)},
+        **{f"{mode} width f={f}: measured / model built at f": t[f"f{f}"] / t[f"built{f}"] for f in (0.5, 0.75)},
         f"{mode} width f=0.5 freezing cost (frozen / not frozen)": t["f0.5"] / t["f0.5 unfrozen"],
         f"{mode} width MLP share of the step": mlp / t["base"],
     }
@@ -288,8 +305,8 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=8, help="timed steps per variant per round")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per variant per round")
+    parser.add_argument("--rounds", type=int, default=6, help="rounds, interleaving the variants against drift")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--schedule-steps", type=int, default=40, help="steps of the whole-schedule run")
     parser.add_argument("--modes", default="eager,compiled,compiled-cond",

@@ -99,3 +99,24 @@ def test_width_run_compiles_once_per_kept_size_and_matches_eager(depth):
         ctl.step()
     # One graph for all units per distinct kept size (32, 48, all): two more after the first stage.
     assert frames_per_stage[0] <= 2 and frames_per_stage[-1] - frames_per_stage[0] <= 2, frames_per_stage
+
+
+def test_regional_units_lower_their_backward_at_forward_and_leave_the_setting_as_it_was():
+    """The gate turns on ``force_non_lazy_backward_lowering`` around each regional unit (a lazy
+    lowering inside DDP's backward was seen to hang) and puts the user's value back after it."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = GPT(n_layer=3)
+    ctl = transform(model, RaPTr("2-3", total_steps=4), seed=0, compile_options={"backend": "eager"})
+    seen = []
+    for gate in (block.forward for block in model.transformer.h):
+        def recorder(*args, _original=gate.original, **kwargs):
+            seen.append(torch._functorch.config.force_non_lazy_backward_lowering)
+            return _original(*args, **kwargs)
+        gate.compiled_forward = recorder
+    ctl._state.set([True, False, True], [1.0] * 3)  # a random pattern: the gates leave the graph
+    for user_setting in (False, True):
+        with torch._functorch.config.patch(force_non_lazy_backward_lowering=user_setting):
+            torch.compile(model, backend="eager")(*tokens()).sum().backward()
+            assert torch._functorch.config.force_non_lazy_backward_lowering is user_setting
+    assert seen == [True] * 4  # two kept units, two steps
