@@ -30,7 +30,7 @@ from .probe import Call, Probe, probe
 from .residuals import Residual, dataflow_graph, find_residuals
 from .skipping import ObservedOutput, OutputSlot, UnitFacts, judge, shared_reason
 from .tracing import ExampleInputs, TracedModel, normalize_example_inputs, trace
-from .untouched import class_forward, untouched
+from .untouched import class_forward, direct_calls, untouched
 
 __all__ = ["Block", "Discovery", "discover", "find_blocks"]
 
@@ -123,8 +123,9 @@ def discover(
         raise ValueError(f"granularity must be 'layer' or 'branch', got {granularity!r}")
     inputs = _on_model_device(model, normalize_example_inputs(example_inputs))
     # Nothing the passes run may stay in the model (caches of proxies or fakes, rebound attributes);
-    # an instance forward that wraps the class's (Accelerate's autocast) is looked through.
-    with untouched(model), class_forward(model):
+    # an instance forward that wraps the class's (Accelerate's autocast) is looked through, and a
+    # direct ``layer.forward(...)`` call is seen as the layer's call.
+    with untouched(model), class_forward(model), direct_calls(model):
         # The probe runs first: inputs the model rejects get their own error, not a tracing error.
         measured = probe(model, inputs) if inputs is not None else None
         traced = trace(model, inputs, tracer_options)
@@ -203,20 +204,25 @@ class _Grouping:
         """Modules whose input is the stream and whose output is the stream after residual updates."""
         candidates = {}
         for name in self.regions:
-            inside = [r for r in self.residuals if self.contained(name, r)]
-            if not inside:
-                continue
-            inputs = self.inputs(name)
-            # A parameter-free add on the module's input starts its stream (FNet's Fourier mixing,
-            # then post-LN): skipped, the layer returns that input, removing the mixing with the rest.
-            starts = [r for r in self.links if self.contained(name, r) and r.origin in inputs
-                      and self.order[r.add] < self.order[inside[0].add]]
-            inside = starts[:1] + inside
-            if inside[0].origin not in inputs:
+            inside = self.stream_updates(name)
+            if not inside or inside[0].origin not in self.inputs(name):
                 continue
             if len(self.stream_outputs(name, inside[0].add)) == 1:
                 candidates[name] = inside
         return candidates
+
+    def stream_updates(self, name: str) -> list[Residual]:
+        """The residual adds inside module ``name``, after the add that starts its stream, if any."""
+        inside = [r for r in self.residuals if self.contained(name, r)]
+        if not inside:
+            return []
+        inputs = self.inputs(name)
+        # A stream update that is no unit on the module's input starts its stream (FNet's Fourier
+        # mixing, MRA's bias-only attention, then post-LN): skipped, the layer returns that input,
+        # removing the update with the rest.
+        starts = [r for r in self.links if self.contained(name, r) and r.origin in inputs
+                  and self.order[r.add] < self.order[inside[0].add]]
+        return starts[:1] + inside
 
     def stream_outputs(self, name: str, first_add: fx.Node) -> list[fx.Node]:
         """The outputs of module ``name`` that carry the stream after its first residual add."""
@@ -309,7 +315,7 @@ class _Grouping:
             names = frozenset().union(*(r.params for r in residuals))
             params = sum(self.model.get_parameter(n).numel() for n in names)
             return Block(name, index, drop, "-", params, None, False,
-                         f"the branch is not one module call; {self.zero_fix()}")
+                         f"the branch is not one module call; {self.zero_fix(residuals[0])}")
         params = sum(p.numel() for p in module.parameters())
         flops = None
         if self.measured is not None and self.measured.total_flops:
@@ -322,12 +328,33 @@ class _Grouping:
                      verdict.reason, verdict.stream_position, verdict.stream_name,
                      verdict.output_container, verdict.output_slots)
 
-    def zero_fix(self) -> str:
+    def zero_fix(self, residual: Residual) -> str:
         """What to do about a refused zero unit: at layer granularity, the modules around its add
         were tried as layers already, so asking for granularity='layer' would not help."""
         if self.granularity == "branch":
             return "use granularity='layer'"
-        return "no module around it is a layer (one taking the stream as an input and returning it once)"
+        return self.late_start(residual) or (
+            "no module around it is a layer (one taking the stream as an input and returning it once)")
+
+    def late_start(self, residual: Residual) -> str | None:
+        """Why the module holding ``residual``'s add is no layer when it returns the stream once but
+        runs weights on it before its first residual add (RWKV's block 0 normalizes it first)."""
+        scope = self.traced.scopes.get(residual.add, ())
+        if not scope:
+            return None
+        name = scope[-1]
+        inside = self.stream_updates(name)
+        inputs = self.inputs(name)
+        if not inside or inside[0].origin in inputs or len(self.stream_outputs(name, inside[0].add)) != 1:
+            return None
+        origin = inside[0].origin
+        fed = set().union(*(nx.descendants(self.graph, i) for i in inputs))
+        between = (nx.ancestors(self.graph, origin) | {origin}) & self.regions[name] & fed
+        weights = sorted({self.traced.scopes[n][-1] for n in between if self.traced.param_uses.get(n)})
+        if not weights:
+            return None
+        return (f"{name} is no layer: it runs {', '.join(weights)} on the stream before its first residual add "
+                "(skipped, it would return its input, not their output)")
 
     # -- facts for the judgement (skipping.judge) ----------------------------------------
     def facts(self, name: str, module: nn.Module, drop: DropRule, residuals: list[Residual]) -> UnitFacts:
@@ -340,7 +367,7 @@ class _Grouping:
             calls=self.traced.call_counts.get(name, 1),
             projection=self.projection(residuals),
             shortcut_scale=next((r.shortcut_scale for r in residuals if r.shortcut_scale is not None), None),
-            zero_fix=self.zero_fix(),
+            zero_fix=self.zero_fix(residuals[0]) if drop == "zero" else "",
             weights_after=self.weights_after(name, residuals) if drop == "zero" else [],
             weights_before=self.weights_before(name, drop, residuals, output),
             output=output,

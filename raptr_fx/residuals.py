@@ -164,8 +164,10 @@ def find_residuals(traced: TracedModel, graph: nx.DiGraph, parameter_free: bool 
     """Every residual add of ``traced``, in graph order.
 
     A branch without parameters (``x + x ** 3`` inside a GELU) is no residual unit: nothing to
-    drop. ``parameter_free=True`` returns only those adds ``x + g(x)`` (FNet's Fourier mixing):
-    a layer whose stream starts with one is still a layer (see ``_Grouping.layer_candidates``).
+    drop. ``parameter_free=True`` returns instead the adds that update the stream without being a
+    unit: ``x + g(x)`` with no weights in g (FNet's Fourier mixing) and ``x + c`` with c computed
+    without any input (a bias; MRA's attention adds only its output bias when its CUDA kernel is
+    missing). A layer whose stream starts with one is still a layer (see ``_Grouping.layer_candidates``).
     """
     ancestry = _Ancestry(graph, list(traced.graph.nodes))
 
@@ -175,10 +177,12 @@ def find_residuals(traced: TracedModel, graph: nx.DiGraph, parameter_free: bool 
     def source(node: fx.Node, add: fx.Node) -> fx.Node:
         return _before_pass_through(node, traced.scopes, traced.scopes.get(add, ()))
 
+    def fed(node: fx.Node) -> bool:
+        return node in user_inputs or ancestry.any_ancestor(user_inputs, node)
+
     def carries_data(node: fx.Node) -> bool:
         """The stream is computed from the caller's inputs and is floating point (not ids or masks)."""
-        fed = node in user_inputs or ancestry.any_ancestor(user_inputs, node)
-        return fed and traced.is_float(node)
+        return fed(node) and traced.is_float(node)
 
     user_inputs = set(traced.user_inputs)
     found: dict[fx.Node, Residual] = {}
@@ -190,6 +194,8 @@ def find_residuals(traced: TracedModel, graph: nx.DiGraph, parameter_free: bool 
             continue
         residual = _classify(node, *operands, ancestry=ancestry, params_of=params_of, found=found,
                              source=lambda n, add=node: source(n, add))
+        if residual is None and parameter_free:
+            residual = _offset(node, *operands, fed=fed)
         if residual is not None and bool(residual.params) != parameter_free and carries_data(residual.origin):
             origin = source(residual.origin, node)
             if origin is not residual.origin:
@@ -220,14 +226,26 @@ def _classify(add, u, v, *, ancestry: _Ancestry, params_of, found, source) -> Re
     # a * x + f(x): a shortcut scaled by a constant (the branch's own scale is part of the branch).
     for shortcut, branch in ((u, v), (v, u)):
         short_nodes, branch_nodes = ancestry.path(origin, shortcut), ancestry.path(origin, branch)
+        short_params, branch_params = params_of(short_nodes), params_of(branch_nodes)
         scale = _constant_scale(short_nodes)
         if (
             _compute_ops(short_nodes) <= _MAX_SHORTCUT_OPS
             and _compute_ops(branch_nodes) > _compute_ops(short_nodes)
-            and (params_of(short_nodes) or scale is not None)
+            and (short_params or scale is not None)
+            # m * x + (1 - m) * shift(x) mixes two views of x by the shortcut's weights (RWKV's time
+            # mix): a branch with no weights of its own has nothing to drop.
+            and not (short_params and branch_params <= short_params)
         ):
-            return Residual(add, shortcut, branch, origin, branch_nodes, params_of(branch_nodes), short_nodes,
-                            scale)
+            return Residual(add, shortcut, branch, origin, branch_nodes, branch_params, short_nodes, scale)
+    return None
+
+
+def _offset(add: fx.Node, u: fx.Node, v: fx.Node, *, fed) -> Residual | None:
+    """``x + c``, c computed from no input at all (parameters, constants): a stream update with
+    nothing computed from the stream, so it has no branch and no weights of a branch."""
+    for stream, value in ((u, v), (v, u)):
+        if fed(stream) and not fed(value):
+            return Residual(add, stream, value, stream, frozenset(), frozenset())
     return None
 
 

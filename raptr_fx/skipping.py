@@ -24,7 +24,7 @@ import torch
 from torch import fx, nn
 
 __all__ = ["OutputSlot", "Leaf", "ObservedOutput", "UnitFacts", "Verdict", "observe", "judge", "shared_reason",
-           "stream_output", "with_stream_output", "skipped_output"]
+           "stream_output", "with_stream_output", "skipped_output", "signature_of"]
 
 _CONSTANT_TYPES = (bool, int, float, str)
 _CONTAINERS = {tuple: "tuple", list: "list", dict: "dict"}
@@ -242,6 +242,18 @@ def _shape_change(facts: UnitFacts, output_shape: tuple[int, ...] | None) -> str
     if before is None or before == output_shape:
         return ""
     return f" from {list(before)} to {list(output_shape)}"
+
+
+def signature_of(function: Callable[..., Any]) -> inspect.Signature | None:
+    """What ``inspect.signature`` gives for ``function``; None where it reads none (a builtin).
+
+    A stand-in for ``module.forward`` sets it as its ``__signature__``: models choose the
+    arguments they pass by ``inspect.signature(layer.forward)``.
+    """
+    try:
+        return inspect.signature(function)
+    except (TypeError, ValueError):
+        return None
 
 
 def argument_slot(module: nn.Module, key: int | str) -> tuple[int | None, str | None]:

@@ -9,17 +9,26 @@ hooks, with the contents of its plain containers) and puts it back exactly on ex
 ``class_forward`` lets the passes see through an instance-level forward wrapper that
 declares what it wraps (``functools.wraps``' ``__wrapped__``), as Accelerate's autocast
 wrapper does: discovery is about the model's structure, which such a wrapper does not change.
+
+``direct_calls`` lets them see modules whose parent calls ``layer.forward(...)`` instead of
+``layer(...)`` (SqueezeBERT): such a call skips ``nn.Module.__call__``, where both tracers and the
+probe see module boundaries, so the layer's own computation would appear as its parent's.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
+import types
 from collections import OrderedDict
 from typing import Any, Iterator
 
 from torch import nn
+from torch.nn.modules.module import register_module_forward_pre_hook
 
-__all__ = ["untouched", "class_forward"]
+from .skipping import signature_of
+
+__all__ = ["untouched", "class_forward", "direct_calls"]
 
 # Containers whose contents a forward may change in place (``self._cache[key] = ...``).
 _CONTAINERS = (dict, OrderedDict, list, set)
@@ -90,3 +99,56 @@ def class_forward(model: nn.Module) -> Iterator[None]:
     finally:
         for module, wrapper in hidden:
             module.__dict__["forward"] = wrapper
+
+
+class _ThroughCall:
+    """Stands in for ``module.forward`` while discovery runs: a direct ``module.forward(...)`` call
+    is made as ``module(...)``, which then runs the class forward."""
+
+    def __init__(self, module: nn.Module, entered: set[int]):
+        self.module = module
+        self.entered = entered  # ids of modules whose __call__ has started their forward
+        self.forward = type(module).forward.__get__(module)
+        self.__signature__ = signature_of(self.forward)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if id(self.module) in self.entered:  # reached from nn.Module.__call__: the ordinary path
+            self.entered.discard(id(self.module))
+            return self.forward(*args, **kwargs)
+        return self.module(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def direct_calls(model: nn.Module) -> Iterator[None]:
+    """A submodule's direct ``forward(...)`` call goes through ``nn.Module.__call__`` for a while,
+    so tracers and the probe see it as the module's call.
+
+    Left alone: the root (the tracers call it themselves), modules with an instance ``forward`` of
+    their own, modules with hooks (through ``__call__``, hooks the real call skips would run) and
+    modules whose class forward is no Python function (TorchScript). At run time the gates replace
+    ``module.forward``, so a direct call reaches them too.
+    """
+    entered: set[int] = set()
+    wrapped = [m for m in list(model.modules())[1:] if "forward" not in m.__dict__ and not _has_hooks(m)
+               and isinstance(inspect.getattr_static(type(m), "forward", None), types.FunctionType)]
+    ids = {id(m) for m in wrapped}
+
+    def enter(module: nn.Module, args: Any) -> None:
+        if id(module) in ids:
+            entered.add(id(module))
+
+    for module in wrapped:
+        module.__dict__["forward"] = _ThroughCall(module, entered)
+    handle = register_module_forward_pre_hook(enter)
+    try:
+        yield
+    finally:
+        handle.remove()
+        for module in wrapped:
+            if isinstance(module.__dict__.get("forward"), _ThroughCall):
+                del module.__dict__["forward"]
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_pre_hooks or module._forward_hooks or module._backward_hooks
+                or module._backward_pre_hooks)

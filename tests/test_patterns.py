@@ -104,6 +104,27 @@ def assert_same_state(before, after):
             torch.equal(v, after[name][3][k]) for k, v in buffers.items()), name
 
 
+def assert_skips(model, with_inputs, skipped, expected):
+    """Transformed, eval is the plain model's output bitwise; in training with unit ``skipped`` off,
+    the output is ``expected(plain model, x)`` and ``skipped`` gets no gradient; remove() restores."""
+    before = module_state(model)
+    reference = copy.deepcopy(model)
+    ctl = transform(model, FullModel(), example_inputs=inputs_or_none(with_inputs))
+    x = features()[0]
+    model.eval()
+    assert torch.equal(model(x), reference(x))
+    model.train()
+    names = [b.name for b in ctl.blocks]
+    ctl._state.set([name != skipped for name in names], [1.0] * len(names))
+    out = model(x)
+    assert torch.equal(out, expected(reference, x))
+    out.sum().backward()
+    assert all(p.grad is None for p in model.get_submodule(skipped).parameters())
+    model.zero_grad(set_to_none=True)
+    ctl.remove()
+    assert_same_state(before, module_state(model))
+
+
 @pytest.mark.parametrize("example", [None, features()], ids=["torch.fx", "with-inputs"])
 def test_discovery_and_transform_leave_a_caching_model_as_it_was(example):
     from raptr_fx.probe import probe
@@ -267,19 +288,16 @@ def test_a_bias_expanded_as_the_stream_is_no_shortcut(with_inputs):
 
 
 @BOTH
-def test_a_layer_starting_with_parameter_free_mixing_is_a_layer(with_inputs):
-    model = patterns.FourierStack()
+@pytest.mark.parametrize("factory", [patterns.FourierStack, patterns.KernelFreeAttentionStack],
+                         ids=["parameter-free mixing", "bias-only update"])
+def test_a_layer_starting_with_a_stream_update_that_is_no_unit_is_a_layer(factory, with_inputs):
+    # FNet adds fft(x), weightless; MRA's attention without its CUDA kernel adds dense(zeros), its bias.
+    model = factory()
     blocks = find_blocks(model, inputs_or_none(with_inputs))
     assert [(b.name, b.drop, b.droppable) for b in blocks] == [
         ("layers.0", "identity", True), ("layers.1", "identity", True)]
-    reference = copy.deepcopy(model)
-    ctl = transform(model, FullModel(), example_inputs=inputs_or_none(with_inputs))
-    ctl._state.set([False, True], [1.0, 1.0])
-    x = features()[0]
-    out = model(x)
-    assert torch.equal(out, reference.layers[1](x))  # layer 0 skipped whole: mixing and norms too
-    out.sum().backward()
-    assert all(p.grad is None for p in model.layers[0].parameters())
+    # Layer 0 skipped whole: the update and the norms too.
+    assert_skips(model, with_inputs, "layers.0", lambda ref, x: ref.layers[1](x))
 
 
 def test_a_mask_retry_that_fails_too_is_in_the_error():
@@ -307,3 +325,58 @@ def test_a_refused_branch_says_what_to_do_at_each_granularity(granularity, fix):
     assert [(b.name, b.droppable) for b in blocks] == [("fc2.0", False), ("fc2.1", False)]
     assert blocks[0].reason == ("the branch also runs weights outside fc2.0 that only it uses (fc1.0.bias, "
                                 f"fc1.0.weight): skipped, they would still run for nothing and not be frozen with it; {fix}")
+
+
+@BOTH
+def test_layers_called_through_forward_are_layers(with_inputs):
+    # SqueezeBERT: the encoder calls layer.forward(...), which bypasses nn.Module.__call__.
+    model = patterns.DirectForwardStack()
+    before = module_state(model)
+    blocks = find_blocks(model, inputs_or_none(with_inputs))
+    assert [(b.name, b.drop, b.droppable) for b in blocks] == [
+        (f"layers.{i}", "identity", True) for i in range(3)]
+    assert_same_state(before, module_state(model))  # no forward left behind
+    # The direct call reaches the gate: layer 1 is skipped.
+    assert_skips(model, with_inputs, "layers.1", lambda ref, x: ref.layers[2](ref.layers[0](x, 0.5), 0.5))
+
+
+def test_a_layer_with_hooks_called_through_forward_is_not_redirected():
+    # Through __call__ its hook would run during discovery, which the real direct call never does.
+    model = patterns.DirectForwardStack()
+    model.layers[1].register_forward_hook(lambda *_: None)
+    blocks = find_blocks(model, features())
+    assert [b.name for b in blocks if b.droppable] == ["layers.0", "layers.2"]
+
+
+@BOTH
+def test_a_time_mix_is_no_projection_shortcut(with_inputs):
+    model = patterns.TimeMixStack()
+    blocks = find_blocks(model, inputs_or_none(with_inputs))
+    assert [(b.name, b.drop, b.droppable) for b in blocks][-2:] == [
+        ("layers.1", "identity", True), ("layers.2", "identity", True)]
+    assert_skips(model, with_inputs, "layers.1", lambda ref, x: ref.layers[2](ref.layers[0](x)))
+
+
+@BOTH
+def test_a_layer_normalizing_its_stream_first_is_refused_for_that(with_inputs):
+    # RWKV's block 0: skipped, it would return x, not pre_norm(x), so it is no layer.
+    blocks = find_blocks(patterns.TimeMixStack(), inputs_or_none(with_inputs))
+    refused = [b for b in blocks if not b.droppable]
+    assert [b.name for b in refused] == ["layers.0.fc2"]
+    assert refused[0].reason.startswith("the branch also runs weights outside layers.0.fc2 that only it uses")
+    assert refused[0].reason.endswith(
+        "; layers.0 is no layer: it runs layers.0.pre_norm on the stream before its first residual add "
+        "(skipped, it would return its input, not their output)")
+
+
+@pytest.mark.skipif(not hasattr(torch.fx.experimental._config, "soft_pending_unbacked_not_found_error"),
+                    reason="torch before 2.11 cannot let an unbound size pass")
+def test_expert_routing_by_torch_where_is_traced():
+    # LongCat-Flash: draft_export stopped with PendingUnbackedSymbolNotFound at torch.where(mask).
+    model = patterns.RoutedStack()
+    discovery = raptr_fx.discover(model, features())
+    assert discovery.tracer == "torch.export"
+    assert discovery.traced.notes == [
+        "data-dependent branches resolved with the example inputs' values (torch.export.draft_export)"]
+    assert [(b.name, b.droppable) for b in discovery.blocks] == [("layers.0", True), ("layers.1", True)]
+    assert_skips(model, True, "layers.0", lambda ref, x: ref.layers[1](x))
