@@ -177,6 +177,7 @@ class _Grouping:
         self.measured = measured
         self.order = {n: i for i, n in enumerate(traced.graph.nodes)}
         self.regions: dict[str, set[fx.Node]] = {}
+        self.late_starts: dict[str, str | None] = {}  # module -> why it is no layer, see late_start
         for node, scope in traced.scopes.items():
             for name in scope:
                 self.regions.setdefault(name, set()).add(node)
@@ -333,22 +334,26 @@ class _Grouping:
         were tried as layers already, so asking for granularity='layer' would not help."""
         if self.granularity == "branch":
             return "use granularity='layer'"
-        return self.late_start(residual) or (
-            "no module around it is a layer (one taking the stream as an input and returning it once)")
-
-    def late_start(self, residual: Residual) -> str | None:
-        """Why the module holding ``residual``'s add is no layer when it returns the stream once but
-        runs weights on it before its first residual add (RWKV's block 0 normalizes it first)."""
         scope = self.traced.scopes.get(residual.add, ())
-        if not scope:
-            return None
-        name = scope[-1]
+        if scope:
+            name = scope[-1]
+            if name not in self.late_starts:  # one answer per module, however many branches it holds
+                self.late_starts[name] = self.late_start(name)
+            if self.late_starts[name]:
+                return self.late_starts[name]
+        return "no module around it is a layer (one taking the stream as an input and returning it once)"
+
+    def late_start(self, name: str) -> str | None:
+        """Why module ``name`` is no layer when it returns the stream once but runs weights on it
+        before its first residual add (RWKV's block 0 normalizes it first)."""
         inside = self.stream_updates(name)
         inputs = self.inputs(name)
         if not inside or inside[0].origin in inputs or len(self.stream_outputs(name, inside[0].add)) != 1:
             return None
         origin = inside[0].origin
-        fed = set().union(*(nx.descendants(self.graph, i) for i in inputs))
+        # Not ids (a model embedding them is no layer); a torch.fx graph has no dtypes to tell them by.
+        streams = [i for i in inputs if self.traced.is_float(i)]
+        fed = set().union(*(nx.descendants(self.graph, i) for i in streams))
         between = (nx.ancestors(self.graph, origin) | {origin}) & self.regions[name] & fed
         weights = sorted({self.traced.scopes[n][-1] for n in between if self.traced.param_uses.get(n)})
         if not weights:

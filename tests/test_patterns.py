@@ -380,3 +380,13 @@ def test_expert_routing_by_torch_where_is_traced():
         "data-dependent branches resolved with the example inputs' values (torch.export.draft_export)"]
     assert [(b.name, b.droppable) for b in discovery.blocks] == [("layers.0", True), ("layers.1", True)]
     assert_skips(model, True, "layers.0", lambda ref, x: ref.layers[1](x))
+
+
+def test_a_module_embedding_ids_is_not_called_a_layer_that_normalizes_first():
+    # Its first "weights on the stream" are the embedding of ids: no stream comes in to skip to.
+    discovery = raptr_fx.discover(patterns.EmbeddedRootResiduals(), tokens())
+    assert discovery.tracer == "torch.export"
+    blocks = discovery.blocks
+    assert [(b.name, b.droppable) for b in blocks] == [("model.fc2.0", False), ("model.fc2.1", False)]
+    assert blocks[0].reason.endswith(
+        "; no module around it is a layer (one taking the stream as an input and returning it once)")
