@@ -478,7 +478,7 @@ def table(results: list[dict[str, Any]]) -> str:
         if r["status"] == "fewer units" or (r["status"] == "refused" and r.get("refused")):
             detail = "; ".join(r["refused"][:2]) + (f"; +{len(r['refused']) - 2} more" if len(r["refused"]) > 2 else "")
             if not r["refused"]:
-                detail = "no other residual unit found (the other layers have no residual add)"
+                detail = "nothing refused: the other layers have no residual add, or a unit holds several of the config's layers"
         detail = detail.replace("|", "/").replace("\n", " ")[:240]
         lines.append(f"| {r['type']} | {r['class']} | {r.get('layers', '')} | {r.get('units', '')} | "
                      f"{r['status']} | {detail} |")
