@@ -604,6 +604,7 @@ def tuned_report(args: argparse.Namespace) -> str:
     if "raptr" in best:
         lines += defaults_table(records, *best["raptr"], args)
     lines += width_table(records, best, args)
+    lines += tuned_at_table(records, "C", args)
     text = "\n".join(lines)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "quality_tuned.md").write_text(text + "\n")
@@ -639,6 +640,40 @@ def width_table(records: dict[str, dict], best: dict, args: argparse.Namespace) 
             lines.append(f"| {name} | {method} | {', '.join(map(str, sorted(mine)))} | "
                          f"{_fmt([r['final_val'] for r in mine.values()])} | {_fmt(gaps.get('full-short', []))} | "
                          f"{_fmt(gaps.get('full', []))} | {_fmt(gaps.get('raptr', []))} |")
+    return lines + [""]
+
+
+def tuned_at_table(records: dict[str, dict], point: str, args: argparse.Namespace) -> list[str]:
+    """Methods tuned at ``point`` itself (not at A): their seed-0 LR grid there (GPT-2 init), then each
+    at its own best LR over the seeds, against full-short at its best. Methods with one LR there
+    are left out: they were not tuned at this point."""
+    p = POINTS[point]
+    grids: dict[str, dict[float, float]] = {}
+    for r in records.values():
+        run = r["run"]
+        if (run["point"], run["seed"], run["init"], run["width"], run["steps"]) == (point, 0, "gpt2", p.width, p.steps):
+            grids.setdefault(r["method"], {})[run["lr"]] = r["final_val"]
+    grids = {m: g for m, g in grids.items() if len(g) > 1}
+    if "full-short" not in grids:
+        return []
+    lrs = sorted({lr for g in grids.values() for lr in g})
+    best = {m: min(g, key=lambda lr: finite(g[lr])) for m, g in grids.items()}
+    lines = [f"#### Tuned at point {point} itself: LR grid, seed 0 (GPT-2 init), final validation loss", "",
+             "| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | best |", "|---|" + "---|" * (len(lrs) + 1)]
+    for method, grid in sorted(grids.items()):
+        lines.append(f"| {method} | " + " | ".join(f"{grid[lr]:.3f}" if lr in grid else "(not run)" for lr in lrs)
+                     + f" | lr {best[method]:g} |")
+    short = {seed: rec["final_val"] for seed, rec in by_seed(records, point, "full-short", (best["full-short"], "gpt2"),
+                                                                args).items()}
+    lines += ["", f"Each at its best LR at {point}, against full-short at its best ({best['full-short']:g}):", "",
+              "| method | lr | seeds | final val loss | minus full-short (equal compute) | per seed |", "|---|---|---|---|---|---|"]
+    for method in sorted(grids):
+        mine = {seed: rec["final_val"] for seed, rec in by_seed(records, point, method, (best[method], "gpt2"), args).items()}
+        gaps = {seed: mine[seed] - short[seed] for seed in mine if seed in short}
+        lines.append(f"| {method} | {best[method]:g} | {', '.join(map(str, sorted(mine)))} | {_fmt(list(mine.values()))} | "
+                     f"{'-' if method == 'full-short' else _fmt(list(gaps.values()))} | "
+                     + ("" if method == "full-short" else ", ".join(f"s{s}: {g:+.3f}" for s, g in sorted(gaps.items())))
+                     + " |")
     return lines + [""]
 
 
