@@ -33,7 +33,8 @@ def main() -> None:
     print(header(args), flush=True)
     config = LlamaConfig(vocab_size=32000, hidden_size=args.hidden, intermediate_size=int(2.6875 * args.hidden),
                          num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden // 64),
-                         num_key_value_heads=max(1, args.hidden // 256), max_position_embeddings=args.seq)
+                         num_key_value_heads=max(1, args.hidden // 256), max_position_embeddings=args.seq,
+                         use_cache=False)  # training builds no KV cache (its updates break the graph per layer)
     torch.manual_seed(0)
     base = LlamaForCausalLM(config).to(args.device)
     gated = copy.deepcopy(base)
