@@ -425,11 +425,22 @@ def plan_width(args: argparse.Namespace) -> None:
     execute(verdict, args)
 
 
+def seed0_losses(records: dict[str, dict], point: str, method: str) -> dict[float, float]:
+    """Final validation loss by peak LR of ``method``'s seed-0 runs at ``point`` (GPT-2 init, the
+    point's own width and steps): an LR grid."""
+    p = POINTS[point]
+    return {r["run"]["lr"]: r["final_val"] for r in records.values()
+            if r["method"] == method and (r["run"]["point"], r["run"]["seed"], r["run"]["init"], r["run"]["width"],
+                                          r["run"]["steps"]) == (point, 0, "gpt2", p.width, p.steps)}
+
+
+def best_lr(grid: dict[float, float]) -> float:
+    return min(grid, key=lambda lr: finite(grid[lr]))
+
+
 def best_width_setting(records: dict[str, dict]) -> tuple[float, str]:
-    grid = [r for r in records.values() if r["run"]["point"] == "A" and r["run"]["method"] == "width"
-            and r["run"]["seed"] == 0 and r["run"]["lr"] in WIDTH_LRS and r["run"]["width"] == POINTS["A"].width]
-    top = min(grid, key=lambda r: finite(r["final_val"]))
-    return top["run"]["lr"], top["run"]["init"]
+    grid = {lr: loss for lr, loss in seed0_losses(records, "A", "width").items() if lr in WIDTH_LRS}
+    return best_lr(grid), "gpt2"
 
 
 def plan_defaults(args: argparse.Namespace) -> None:
@@ -647,17 +658,12 @@ def tuned_at_table(records: dict[str, dict], point: str, args: argparse.Namespac
     """Methods tuned at ``point`` itself (not at A): their seed-0 LR grid there (GPT-2 init), then each
     at its own best LR over the seeds, against full-short at its best. Methods with one LR there
     are left out: they were not tuned at this point."""
-    p = POINTS[point]
-    grids: dict[str, dict[float, float]] = {}
-    for r in records.values():
-        run = r["run"]
-        if (run["point"], run["seed"], run["init"], run["width"], run["steps"]) == (point, 0, "gpt2", p.width, p.steps):
-            grids.setdefault(r["method"], {})[run["lr"]] = r["final_val"]
-    grids = {m: g for m, g in grids.items() if len(g) > 1}
+    methods = sorted({r["method"] for r in records.values() if r["run"]["point"] == point})
+    grids = {m: g for m in methods if len(g := seed0_losses(records, point, m)) > 1}
     if "full-short" not in grids:
         return []
     lrs = sorted({lr for g in grids.values() for lr in g})
-    best = {m: min(g, key=lambda lr: finite(g[lr])) for m, g in grids.items()}
+    best = {m: best_lr(g) for m, g in grids.items()}
     lines = [f"#### Tuned at point {point} itself: LR grid, seed 0 (GPT-2 init), final validation loss", "",
              "| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | best |", "|---|" + "---|" * (len(lrs) + 1)]
     for method, grid in sorted(grids.items()):
