@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
+import random
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -19,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 from examples.nanogpt import GPT, GPTConfig  # noqa: E402
 
 __all__ = ["GPT", "GPTConfig", "add_device_args", "header", "sync", "timed_steps", "byte_corpus", "ROOT",
-           "set_threads", "default_init"]
+           "set_threads", "default_init", "Estimate", "Interleaved", "Row", "print_rows", "ratio_of_sums"]
 
 
 def set_threads(threads: int) -> None:
@@ -77,6 +79,104 @@ def timed_steps(step: Callable[[], None], steps: int, device: str) -> list[float
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+MIN_ROUNDS_TO_JUDGE = 8  # a bootstrap interval over fewer rounds is too coarse to call a target met
+
+
+def trimmed_mean(values: list[float], cut: float = 0.2) -> float:
+    """The mean of the middle values, ``cut`` of them dropped at each end: robust to the bursts of a
+    noisy machine, and nearly as precise as the mean when there are none."""
+    ordered = sorted(values)
+    k = int(cut * len(ordered))
+    return statistics.fmean(ordered[k:len(ordered) - k])
+
+
+def bootstrap(statistic: Callable[[list], float], items: list, resamples: int = 2000) -> Estimate:
+    """``statistic`` of ``items`` with a 95% bootstrap interval (reproducible: a fixed seed)."""
+    rng = random.Random(0)
+    boot = sorted(statistic(rng.choices(items, k=len(items))) for _ in range(resamples))
+    return Estimate(statistic(items), boot[int(0.025 * resamples)], boot[int(0.975 * resamples) - 1], len(items))
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A measured ratio with its 95% bootstrap interval, over ``rounds`` rounds (or step pairs)."""
+
+    value: float
+    low: float
+    high: float
+    rounds: int
+
+    def verdict(self, target: float) -> str:
+        """Against an upper bound: met only if the whole interval is under it, missed only if the whole
+        interval is over it; otherwise this machine's noise does not decide."""
+        if self.rounds < MIN_ROUNDS_TO_JUDGE:
+            return f"no verdict ({self.rounds} rounds)"
+        if self.high <= target:
+            return "met"
+        if self.low > target:
+            return "MISSED"
+        return "unresolved (point " + ("meets" if self.value <= target else "misses") + ")"
+
+
+class Interleaved:
+    """Variants timed side by side in rounds, each round in a rotated order.
+
+    A ratio is taken within each round (numerator and denominator measured seconds apart), then
+    summarized over rounds: drift and bursts of a noisy machine that last longer than a round cancel
+    in the ratio, and shorter ones land in a few rounds, which the trimmed mean drops.
+    """
+
+    def __init__(self, variants: dict[str, Callable[[], None]], device: str,
+                 before: dict[str, Callable[[], None]] | None = None):
+        self.variants = variants  # name -> one optimizer step of that variant
+        self.before = before or {}  # name -> untimed set-up before that variant's steps (e.g. pin a stage)
+        self.device = device
+        self.rounds: list[dict[str, float]] = []  # per round: the median step seconds of each variant
+
+    def run(self, rounds: int, steps: int) -> None:
+        names = list(self.variants)
+        for r in range(rounds):
+            times = {}
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                if name in self.before:
+                    self.before[name]()
+                times[name] = median(timed_steps(self.variants[name], steps, self.device))
+            self.rounds.append(times)
+
+    def medians(self) -> dict[str, float]:
+        """Each variant's median step seconds over rounds (for the printed step times)."""
+        return {name: median([r[name] for r in self.rounds]) for name in self.variants}
+
+    def ratio(self, formula: Callable[[dict[str, float]], float]) -> Estimate:
+        """``formula`` of one round's step times (e.g. ``lambda t: t["a"] / t["b"]``), taken per round;
+        their trimmed mean over rounds."""
+        return bootstrap(trimmed_mean, [formula(r) for r in self.rounds])
+
+
+def ratio_of_sums(pairs: list[tuple[float, float]]) -> Estimate:
+    """sum(a) / sum(b) over (a, b) pairs timed side by side, with a paired bootstrap interval."""
+    return bootstrap(lambda chosen: sum(a for a, _ in chosen) / sum(b for _, b in chosen), pairs)
+
+
+Row = tuple[str, "Estimate | float | int", "float | None"]  # name, value, upper-bound target (None: none)
+
+
+def print_rows(rows: list[Row]) -> None:
+    """One line per result: value, its 95% interval over rounds, the target and the verdict."""
+    for name, value, target in rows:
+        if isinstance(value, Estimate):
+            text = f"{value.value:.3f}  [{value.low:.3f}, {value.high:.3f}]"
+            verdict = value.verdict(target) if target is not None else ""
+        elif isinstance(value, float):
+            text = f"{value:.3f}"
+            verdict = ("met" if value <= target else "MISSED") if target is not None else ""
+        else:
+            text = str(value)
+            verdict = ("met" if value <= target else "MISSED") if target is not None else ""
+        bound = f"<= {target:g}" if target is not None else ""
+        print(f"  {name:<62} {text:<24} {bound:<8} {verdict}".rstrip())
 
 
 def byte_corpus(limit_bytes: int | None = None, root: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,7 +28,7 @@ LIMIT=330 run python benchmarks/quality.py --device cuda --dtype bfloat16 --comp
 cp benchmarks/out/quality_A.md "$DEST/quality_gpu.md" 2>/dev/null
 cp benchmarks/out/quality_A.png "$DEST/quality_gpu.png" 2>/dev/null
 LIMIT=240 run python benchmarks/speed.py --device cuda --dtype bfloat16 --modes compiled \
-    --width 1024 --batch 32 --seq 512 --steps 10 --rounds 2 --schedule-steps 40
+    --width 1024 --batch 32 --seq 512 --steps 4 --rounds 8 --schedule-steps 40
 for mode in regional cond; do
   LIMIT=120 run python benchmarks/profile_step.py --device cuda --dtype bfloat16 --width 1024 --batch 32 --seq 512 \
       --compile-mode "$mode"

@@ -12,7 +12,7 @@ import contextlib
 import copy
 
 import torch
-from common import add_device_args, header, median, timed_steps
+from common import Interleaved, add_device_args, header, print_rows, timed_steps
 
 import raptr_fx
 
@@ -23,8 +23,8 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per variant per round")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per variant per round")
+    parser.add_argument("--rounds", type=int, default=12, help="rounds, interleaving the variants against drift")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     add_device_args(parser)
     args = parser.parse_args()
@@ -58,23 +58,30 @@ def main() -> None:
             optimizer.zero_grad(set_to_none=True)
         return step
 
-    steps = {"base": runner(base), "gated": runner(gated)}
+    # "base again": a second untransformed copy, compiled on its own: identical work, the noise line.
+    steps = {"base": runner(base), "base again": runner(copy.deepcopy(base)), "gated": runner(gated)}
+
+    def pin(stage: int):
+        return lambda: ctl.load_state_dict({**ctl.state_dict(), "step": stage})
+
     for stage in (0, 1):  # warm up (and compile) both gate patterns
-        ctl.load_state_dict({**ctl.state_dict(), "step": stage})
+        pin(stage)()
         timed_steps(steps["gated"], 2, args.device)
-    timed_steps(steps["base"], 2, args.device)
-    samples: dict[str, list[float]] = {"base": [], "all": [], "half": []}
-    for _ in range(args.rounds):
-        samples["base"] += timed_steps(steps["base"], args.steps, args.device)
-        for stage, name in ((0, "half"), (1, "all")):
-            ctl.load_state_dict({**ctl.state_dict(), "step": stage})
-            samples[name] += timed_steps(steps["gated"], args.steps, args.device)
-    t = {k: median(v) for k, v in samples.items()}
-    print(f"median step ms: " + ", ".join(f"{k}={1000 * v:.1f}" for k, v in t.items()))
-    print(f"\nratios (Llama {args.layers} layers, hidden {args.hidden}, compiled={args.compile})")
-    print(f"  overhead (all units on / untransformed)            {t['all'] / t['base']:.3f}")
-    print(f"  {half} of {args.layers} units on / untransformed          {t['half'] / t['base']:.3f}"
-          "  (the layers' share of the step bounds the saving)")
+    for name in ("base", "base again"):
+        timed_steps(steps[name], 2, args.device)
+    timing = Interleaved({"base": steps["base"], "base again": steps["base again"], "half": steps["gated"],
+                          "all": steps["gated"]}, args.device, before={"half": pin(0), "all": pin(1)})
+    timing.run(args.rounds, args.steps)
+    print("median step ms: " + ", ".join(f"{k}={1000 * v:.1f}" for k, v in timing.medians().items()))
+    print(f"\nratios (Llama {args.layers} layers, hidden {args.hidden}, compiled={args.compile}): trimmed mean over "
+          f"{args.rounds} rounds of the ratio within each round, [95% interval], target, verdict")
+    print_rows([
+        ("A/A: untransformed copy / untransformed (noise)", timing.ratio(lambda r: r["base again"] / r["base"]), None),
+        ("overhead (all units on / untransformed)", timing.ratio(lambda r: r["all"] / r["base"]),
+         1.01 if args.compile else 1.02),
+        # The layers' share of the step bounds the saving.
+        (f"{half} of {args.layers} units on / untransformed", timing.ratio(lambda r: r["half"] / r["base"]), None),
+    ])
 
 
 if __name__ == "__main__":

@@ -259,3 +259,28 @@ def test_fake_probe_equals_real_probe_on_hf_models(name):
     fake, real = probe(model, example, mode="fake"), probe(model, example, mode="real")
     assert fake.call_counts == real.call_counts
     assert fake.flops == real.flops and fake.total_flops == real.total_flops > 0
+
+
+# --- issue 15: every unit on compiles to the untransformed model's graph --------------------------
+@pytest.mark.compile
+@pytest.mark.parametrize("compile_mode", ["regional", "cond"])
+def test_llama_with_every_unit_on_compiles_to_the_untransformed_graph(compile_mode):
+    """The last stage of a schedule on a transformers Llama: one graph, the same ops, no break at the gates."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    def compiled_graphs(transformed: bool) -> tuple[int, int]:
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = llama()
+        model.config.use_cache = False
+        if transformed:
+            ctl = transform(model, RaPTr("2-3", total_steps=2, sampling="exact"), example_inputs=inputs(),
+                            compile_mode=compile_mode)
+            ctl.load_state_dict({**ctl.state_dict(), "step": 1})  # the last stage: every unit on
+        counter = CompileCounterWithBackend("eager")
+        torch.compile(model, backend=counter)(**inputs(), labels=inputs()["input_ids"]).loss.backward()
+        return counter.frame_count, counter.op_count
+
+    untransformed = compiled_graphs(False)
+    assert untransformed[0] == 1
+    assert compiled_graphs(True) == untransformed
