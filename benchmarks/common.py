@@ -169,11 +169,8 @@ def print_rows(rows: list[Row]) -> None:
         if isinstance(value, Estimate):
             text = f"{value.value:.3f}  [{value.low:.3f}, {value.high:.3f}]"
             verdict = value.verdict(target) if target is not None else ""
-        elif isinstance(value, float):
-            text = f"{value:.3f}"
-            verdict = ("met" if value <= target else "MISSED") if target is not None else ""
-        else:
-            text = str(value)
+        else:  # a count or a single measurement
+            text = f"{value:.3f}" if isinstance(value, float) else str(value)
             verdict = ("met" if value <= target else "MISSED") if target is not None else ""
         bound = f"<= {target:g}" if target is not None else ""
         print(f"  {name:<62} {text:<24} {bound:<8} {verdict}".rstrip())
