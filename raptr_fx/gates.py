@@ -21,6 +21,7 @@ buffers and state_dict keys are untouched) and reads its decision from a shared
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Literal
 
 import torch
@@ -28,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .discovery import Block
-from .errors import RaptrError
+from .errors import RaptrError, RaptrWarning
 from .skipping import signature_of, skipped_output, stream_output, with_stream_output
 
 __all__ = ["GateState", "GatedForward", "install_gate", "remove_gates"]
@@ -59,6 +60,10 @@ class GateState:
         # host: torch.cond reads a CPU predicate without a device sync.
         self.keep_tensor = torch.ones(num_blocks, dtype=torch.bool)
         self.scale_tensor = torch.ones(num_blocks, dtype=torch.float32)
+        # Regional mode: which units have compiled, per forward code object, to tell graphs shared
+        # by all units from one graph per unit (see _warn_if_each_unit_compiles_its_own_graph).
+        self.compiled_units: dict[Any, set[int]] = {}
+        self.warned_codes: set[Any] = set()
 
     def set(self, keep: list[bool], scale: list[float]) -> None:
         self.keep[:] = keep
@@ -106,6 +111,7 @@ class GatedForward:
         self.original: Callable[..., Any] = module.forward
         self.instance_forward = module.__dict__.get("forward")  # the user's own override, if any
         self.compiled_forward: Callable[..., Any] | None = None  # regional mode, made on first use
+        self.graphs_checked = False  # regional mode: counted among its forward's graphs once it ran
         self.__signature__ = signature_of(self.original)  # inspect.signature(module.forward) unchanged
 
     def parameters(self) -> list[nn.Parameter]:
@@ -217,9 +223,42 @@ def _gate_outside_graph(gate: GatedForward, args: tuple, kwargs: dict) -> Any:
     before = config.force_non_lazy_backward_lowering
     config.force_non_lazy_backward_lowering = True
     try:
-        return gate.gated(args, kwargs, gate.compiled_forward)
+        out = gate.gated(args, kwargs, gate.compiled_forward)
     finally:
         config.force_non_lazy_backward_lowering = before
+    if not gate.graphs_checked and gate.state.keep[gate.index]:  # the unit ran: it has compiled by now
+        gate.graphs_checked = True
+        _warn_if_each_unit_compiles_its_own_graph(gate)
+    return out
+
+
+def _warn_if_each_unit_compiles_its_own_graph(gate: GatedForward) -> None:
+    """After a unit first ran compiled: do units of this forward compile one graph each?
+
+    They share one graph unless dynamo guards on something that differs per unit, such as the
+    per-layer state of a Hugging Face KV cache. Then warm-up compiles every unit, and past dynamo's
+    recompile limit units run uncompiled, which torch reports without saying why.
+    """
+    code = getattr(getattr(gate.original, "__func__", gate.original), "__code__", None)
+    if code is None or code in gate.state.warned_codes:
+        return
+    units = gate.state.compiled_units.setdefault(code, set())
+    units.add(gate.index)
+    try:
+        graphs = len(torch._dynamo.eval_frame._debug_get_cache_entry_list(code))
+    except Exception:  # a private helper of torch's: without it, no warning
+        return
+    if graphs >= PER_UNIT_GRAPHS_WARNING and graphs >= len(units):
+        gate.state.warned_codes.add(code)
+        warnings.warn(f"{gate.block.name} and the other units of {code.co_name} compiled {graphs} graphs for "
+                      f"{len(units)} units (regional gates): torch.compile guards on something that differs per unit, "
+                      "so each compiles its own graph, and past torch's recompile limit "
+                      f"({torch._dynamo.config.recompile_limit}) units run uncompiled. For a Hugging Face model, set "
+                      "model.config.use_cache = False for training (the KV cache it builds is the usual cause); "
+                      "TORCH_LOGS=recompiles names the guard", RaptrWarning, stacklevel=4)
+
+
+PER_UNIT_GRAPHS_WARNING = 4  # one static and one dynamic graph are normal; more, one per unit, is not
 
 
 def install_gate(module: nn.Module, block: Block, index: int, state: GateState, scaled: bool) -> GatedForward:

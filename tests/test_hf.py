@@ -1,6 +1,7 @@
 """Hugging Face transformers 5 models: not symbolically traceable, found and gated through torch.export."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -284,3 +285,25 @@ def test_llama_with_every_unit_on_compiles_to_the_untransformed_graph(compile_mo
     untransformed = compiled_graphs(False)
     assert untransformed[0] == 1
     assert compiled_graphs(True) == untransformed
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_regional_units_that_compile_one_graph_each_are_warned_of(use_cache):
+    """With the KV cache on, dynamo guards each Llama layer on the cache's per-layer state."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=6,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                                      bos_token_id=0, eos_token_id=0, use_cache=use_cache)
+    model = transformers.LlamaForCausalLM(config)
+    units = CompileCounterWithBackend("eager")
+    transform(model, RaPTr("5-6", total_steps=2, sampling="exact"), example_inputs=inputs(),
+              compile_options={"backend": units})
+    with pytest.warns(raptr_fx.RaptrWarning, match="use_cache") if use_cache else warnings.catch_warnings():
+        if not use_cache:
+            warnings.simplefilter("error", raptr_fx.RaptrWarning)
+        torch.compile(model, backend="eager")(**inputs(), labels=inputs()["input_ids"]).loss.backward()
+    assert (units.frame_count >= 4) is use_cache  # what the warning says: a graph per kept layer

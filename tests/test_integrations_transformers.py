@@ -337,20 +337,3 @@ def test_ddp_two_ranks_decide_alike_without_find_unused_parameters(tmp_path):
     assert ranks[0]["decisions"] == ranks[1]["decisions"]
     assert any(not all(d) for d in ranks[0]["decisions"]), "some steps must drop units"
     assert ranks[0]["checksum"] == ranks[1]["checksum"]  # gradients were averaged, skipped units included
-
-
-@pytest.mark.parametrize("use_cache", [True, False])
-def test_compiled_training_with_the_kv_cache_on_is_warned_of(tmp_path, use_cache):
-    """Regional units would compile once per layer (guards on the cache's per-layer state)."""
-    model = llama()
-    model.config.use_cache = use_cache
-    args = transformers.TrainingArguments(output_dir=str(tmp_path), torch_compile=True, use_cpu=True, report_to=[])
-    callback = RaPTrCallback("2-4", total_steps=4, example_inputs={"input_ids": dataset()[0]["input_ids"][None]})
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        callback.on_train_begin(args, transformers.TrainerState(), transformers.TrainerControl(), model=model,
-                                optimizer=optimizer)
-    cache_warnings = [w for w in caught if "use_cache" in str(w.message)]
-    assert len(cache_warnings) == (1 if use_cache else 0), [str(w.message) for w in caught]
-    assert callback.controller is not None and model.config.use_cache is use_cache  # warned, not changed

@@ -96,10 +96,8 @@ class RaPTrCallback(TrainerCallback):
         adoption = self._adoption
         if model is None or optimizer is None:
             raise ValueError("RaPTrCallback: the Trainer passed no model or optimizer to on_train_begin")
-        compiled = bool(getattr(args, "torch_compile", False))
-        adoption.adopt(model, state.max_steps if state.max_steps > 0 else None, compiled=compiled)
-        if compiled and adoption.controller is not None:
-            _warn_if_compiled_training_builds_a_cache(model, adoption.controller)
+        adoption.adopt(model, state.max_steps if state.max_steps > 0 else None,
+                       compiled=bool(getattr(args, "torch_compile", False)))
         self._last_step_metrics = None
         if state.global_step > 0:
             self._restore(args, state)
@@ -178,19 +176,6 @@ class RaPTrCallback(TrainerCallback):
         logs.update(values)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(values)
-
-
-def _warn_if_compiled_training_builds_a_cache(model: nn.Module, controller: Controller) -> None:
-    # With use_cache on, every training forward builds a DynamicCache that each layer updates. The
-    # untransformed model traces it inside one graph; a regional unit takes it as an input and
-    # dynamo guards on its per-layer state, so each layer compiles its own unit graph.
-    config = getattr(model, "config", None)
-    if getattr(config, "use_cache", False) and controller._state.compile_mode == "regional":
-        warnings.warn("RaPTrCallback: model.config.use_cache is True, so every training forward builds a KV cache; "
-                      "under torch.compile each kept layer then compiles its own unit graph (torch guards on the "
-                      "cache's per-layer state), and past torch's recompile limit (8) layers run uncompiled. Set "
-                      "model.config.use_cache = False for training: the loss and gradients are the same",
-                      RaptrWarning, stacklevel=3)
 
 
 def _trainer_finds_unused_parameters(args: TrainingArguments, model: nn.Module) -> bool:
