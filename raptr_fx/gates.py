@@ -9,7 +9,7 @@ buffers and state_dict keys are untouched) and reads its decision from a shared
 * under ``torch.compile``, ``compile_mode="regional"`` (default): the gate leaves
   the graph, decides in Python, and runs the unit through its own compiled
   forward; one compiled unit graph serves every unit of that shape, every gate
-  pattern and every stage;
+  pattern and every stage (a warning says so when units compile one graph each instead);
 * under ``torch.compile``, ``compile_mode="cond"``: ``torch.cond`` on a CPU bool
   tensor that the controller updates in place: the whole model stays one graph
   (``fullgraph=True`` works), but torch.cond's backward recomputes the forward of
