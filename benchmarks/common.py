@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 from examples.nanogpt import GPT, GPTConfig  # noqa: E402
 
 __all__ = ["GPT", "GPTConfig", "add_device_args", "header", "sync", "timed_steps", "byte_corpus", "ROOT",
-           "set_threads", "default_init", "Estimate", "Interleaved", "Row", "print_rows", "ratio_of_sums"]
+           "set_threads", "default_init", "Estimate", "Interleaved", "Row", "print_rows", "ratio_of_sums", "pin_stage"]
 
 
 def set_threads(threads: int) -> None:
@@ -79,6 +79,12 @@ def timed_steps(step: Callable[[], None], steps: int, device: str) -> list[float
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+def pin_stage(ctl, stage: int) -> None:
+    """Put a raptr_fx controller at the first step of ``stage``: the benchmarks time each stage
+    with its schedule held there, never stepped."""
+    ctl.load_state_dict({**ctl.state_dict(), "step": stage})
 
 
 MIN_ROUNDS_TO_JUDGE = 8  # a bootstrap interval over fewer rounds is too coarse to call a target met
@@ -148,6 +154,10 @@ class Interleaved:
     def medians(self) -> dict[str, float]:
         """Each variant's median step seconds over rounds (for the printed step times)."""
         return {name: median([r[name] for r in self.rounds]) for name in self.variants}
+
+    def step_times(self, digits: int = 1) -> str:
+        """The medians as printed: ``name=ms, ...``."""
+        return ", ".join(f"{name}={1000 * seconds:.{digits}f}" for name, seconds in self.medians().items())
 
     def ratio(self, formula: Callable[[dict[str, float]], float]) -> Estimate:
         """``formula`` of one round's step times (e.g. ``lambda t: t["a"] / t["b"]``), taken per round;

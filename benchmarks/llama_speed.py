@@ -12,7 +12,7 @@ import contextlib
 import copy
 
 import torch
-from common import Interleaved, add_device_args, header, print_rows, timed_steps
+from common import Interleaved, add_device_args, header, pin_stage, print_rows, timed_steps
 
 import raptr_fx
 
@@ -61,18 +61,16 @@ def main() -> None:
     # "base again": a second untransformed copy, compiled on its own: identical work, the noise line.
     steps = {"base": runner(base), "base again": runner(copy.deepcopy(base)), "gated": runner(gated)}
 
-    def pin(stage: int):
-        return lambda: ctl.load_state_dict({**ctl.state_dict(), "step": stage})
-
     for stage in (0, 1):  # warm up (and compile) both gate patterns
-        pin(stage)()
+        pin_stage(ctl, stage)
         timed_steps(steps["gated"], 2, args.device)
     for name in ("base", "base again"):
         timed_steps(steps[name], 2, args.device)
     timing = Interleaved({"base": steps["base"], "base again": steps["base again"], "half": steps["gated"],
-                          "all": steps["gated"]}, args.device, before={"half": pin(0), "all": pin(1)})
+                          "all": steps["gated"]}, args.device,
+                         before={"half": lambda: pin_stage(ctl, 0), "all": lambda: pin_stage(ctl, 1)})
     timing.run(args.rounds, args.steps)
-    print("median step ms: " + ", ".join(f"{k}={1000 * v:.1f}" for k, v in timing.medians().items()))
+    print(f"median step ms: {timing.step_times()}")
     print(f"\nratios (Llama {args.layers} layers, hidden {args.hidden}, compiled={args.compile}): trimmed mean over "
           f"{args.rounds} rounds of the ratio within each round, [95% interval], target, verdict")
     print_rows([

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from common import GPT, GPTConfig, add_device_args, header, sync
+from common import GPT, GPTConfig, add_device_args, header, pin_stage, sync
 
 import raptr_fx
 
@@ -69,7 +69,7 @@ def main() -> None:
     batch = torch.randint(0, 256, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(1)).to(args.device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
     for stage, name in ((1, "all units on"), (0, "half the units on")):
-        ctl.load_state_dict({**ctl.state_dict(), "step": stage})
+        pin_stage(ctl, stage)
         for _ in range(3):  # warm up (compile) this kind of step
             step(model, runner, batch, optimizer, args)
         sync(args.device)

@@ -45,8 +45,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from common import (GPT, GPTConfig, Interleaved, Row, add_device_args, header, print_rows, ratio_of_sums,
-                    timed_steps)
+from common import (GPT, GPTConfig, Interleaved, Row, add_device_args, header, pin_stage, print_rows,
+                    ratio_of_sums, timed_steps)
 
 import raptr_fx
 
@@ -95,17 +95,12 @@ def fresh_compiler() -> None:
     torch._dynamo.reset()
 
 
-def pin(ctl: raptr_fx.Controller, stage: int) -> Callable[[], None]:
-    """Set-up that pins ``ctl`` to ``stage`` (its schedule is never stepped while timed)."""
-    return lambda: ctl.load_state_dict({**ctl.state_dict(), "step": stage})
-
-
 def settle(ctl: raptr_fx.Controller, stage: int, runner: Runner) -> Callable[[], None]:
     """Set-up that pins ``stage`` and runs one untimed step: the first step after a stage change
     (new tensor sizes for the allocator) is not that stage's steady state, and training changes
     stage a few times per run, not every few steps as the rounds here do."""
     def run() -> None:
-        pin(ctl, stage)()
+        pin_stage(ctl, stage)
         runner.per_step(1)
     return run
 
@@ -138,10 +133,10 @@ def measure(args: argparse.Namespace, mode: str) -> list[Row]:
         runner.per_step(args.warmup)
     # Each kind of step compiles once: random patterns, and all units on (one whole-model graph).
     for stage in range(4):
-        pin(ctl, stage)()
+        pin_stage(ctl, stage)
         runners["gated"].per_step(1)
     last_stage = run_ctl.schedule.stage_bounds()[-1][0]
-    pin(run_ctl, last_stage)()
+    pin_stage(run_ctl, last_stage)
     runners["raptr"].per_step(1)
     frames_after_warmup = {name: counters[name].frame_count for name in counters}
 
@@ -159,7 +154,7 @@ def measure(args: argparse.Namespace, mode: str) -> list[Row]:
     # Headline: a whole schedule vs the full model at equal steps, twice, step by step side by side.
     pairs = []
     for _ in range(2):
-        pin(run_ctl, 0)()
+        pin_stage(run_ctl, 0)
         for _ in range(total):
             pairs.append((runners["raptr"].per_step(1)[0], runners["base"].per_step(1)[0]))
             run_ctl.step()
@@ -181,7 +176,7 @@ def measure(args: argparse.Namespace, mode: str) -> list[Row]:
             rows.append((f"{mode} recompiles after warm-up, all stages ({name})",
                          counters[name].frame_count - frames_after_warmup[name], 0))
             rows.append((f"{mode} compiled frames in all ({name})", counters[name].frame_count, None))
-    print(f"{mode}: median step ms " + ", ".join(f"{k}={1000 * v:.1f}" for k, v in t.items()), flush=True)
+    print(f"{mode}: median step ms {timing.step_times()}", flush=True)
     return rows
 
 
@@ -208,8 +203,7 @@ def measure_all_on(args: argparse.Namespace, mode: str) -> list[Row]:
         runner.per_step(args.warmup)
     tiny = Interleaved({name: runner.step for name, runner in tiny_runners.items()}, args.device)
     tiny.run(TINY_ROUNDS, args.steps)
-    print(f"{mode} all-on: median step ms " + ", ".join(f"{k}={1000 * v:.1f}" for k, v in timing.medians().items())
-          + "; one sequence of 8: " + ", ".join(f"{k}={1000 * v:.2f}" for k, v in tiny.medians().items()), flush=True)
+    print(f"{mode} all-on: median step ms {timing.step_times()}; one sequence of 8: {tiny.step_times(2)}", flush=True)
     return [(f"{mode} all-on A/A: untransformed copy / untransformed",
              timing.ratio(lambda r: r["base again"] / r["base"]), None),
             (f"{mode} all-on: every unit on / untransformed", timing.ratio(lambda r: r["all on"] / r["base"]),
@@ -263,7 +257,7 @@ def measure_width(args: argparse.Namespace, mode: str) -> list[Row]:
     for name in ("base", "outside", "unfrozen", "built0.5", "built0.75"):
         runners[name].per_step(args.warmup)
     for stage in range(len(fractions)):  # warm up every kept size: each compiles once
-        pin(ctl, stage)()
+        pin_stage(ctl, stage)
         runners["cut"].per_step(args.warmup)
     frames_after_warmup = counter.frame_count
     timing = Interleaved({**{name: runners[name].step for name in ("base", "outside", "built0.5", "built0.75")},
@@ -293,7 +287,7 @@ def measure_width(args: argparse.Namespace, mode: str) -> list[Row]:
     if compiled:
         rows.append((f"{mode} width recompiles after warm-up", counter.frame_count - frames_after_warmup, 0))
         rows.append((f"{mode} width compiled frames in all (3 kept sizes)", counter.frame_count, None))
-    print(f"{mode} width: median step ms " + ", ".join(f"{k}={1000 * v:.1f}" for k, v in t.items()), flush=True)
+    print(f"{mode} width: median step ms {timing.step_times()}", flush=True)
     return rows
 
 
@@ -326,8 +320,8 @@ def measure_narrow(args: argparse.Namespace, mode: str) -> list[Row]:
     timing.run(args.rounds, args.steps)
     t = timing.medians()
     host = host_seconds_per_step(ctl, runners["gated"].optimizer, narrow)
-    print(f"{mode} narrow: median step ms " + ", ".join(f"{k}={1000 * v:.1f}" for k, v in t.items())
-          + f"; raptr_fx host {1e6 * host:.0f} us per step", flush=True)
+    print(f"{mode} narrow: median step ms {timing.step_times()}; raptr_fx host {1e6 * host:.0f} us per step",
+          flush=True)
     fair_ideal = timing.ratio(lambda r: r["gated"] / (r["outside"] + 0.5 * (r["base"] - r["outside"])))
     return [(f"{mode} narrow 48 units, k=24: measured / fair ideal", fair_ideal, 1.03),
             (f"{mode} narrow 48 units: raptr_fx host time / step", host / t["gated"], 0.01)]

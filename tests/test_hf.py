@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounterWithBackend
 
 import raptr_fx
 from raptr_fx import FullModel, RaPTr, Stage, TracingError, transform
@@ -267,8 +268,6 @@ def test_fake_probe_equals_real_probe_on_hf_models(name):
 @pytest.mark.parametrize("compile_mode", ["regional", "cond"])
 def test_llama_with_every_unit_on_compiles_to_the_untransformed_graph(compile_mode):
     """The last stage of a schedule on a transformers Llama: one graph, the same ops, no break at the gates."""
-    from torch._dynamo.testing import CompileCounterWithBackend
-
     def compiled_graphs(transformed: bool) -> tuple[int, int]:
         torch._dynamo.reset()
         torch.manual_seed(0)
@@ -291,8 +290,6 @@ def test_llama_with_every_unit_on_compiles_to_the_untransformed_graph(compile_mo
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_regional_units_that_compile_one_graph_each_are_warned_of(use_cache):
     """With the KV cache on, dynamo guards each Llama layer on the cache's per-layer state."""
-    from torch._dynamo.testing import CompileCounterWithBackend
-
     torch._dynamo.reset()
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=6,
