@@ -12,7 +12,8 @@ from torch import nn
 from .cutting import Cut, CutState, FrozenParts, install_cuts, is_cut, remove_cuts
 from .discovery import Block, Discovery, discover, no_blocks_error
 from .errors import RaptrError
-from .gates import CompileMode, GatedForward, GateState, check_compile_mode, install_gate, remove_gates
+from .gates import (CompileMode, GatedForward, GateState, check_compile_mode, gate_of, install_gate, move_gate,
+                    remove_gates)
 from .schedules import RaPTr, Schedule, StagePlan, overall_compute, plan
 from .usage import UsageMonitor
 from .width import WidthGroup, discovery_inputs, width_groups
@@ -61,7 +62,7 @@ class Controller:
         try:  # all or nothing: a failure leaves no gate behind
             if schedule.gates_depth:
                 for i, b in enumerate(self.blocks):
-                    self._gates.append(install_gate(modules[b.name], b, i, self._state, scaled=scaling != "none"))
+                    self._gates.append(install_gate(model, b, i, self._state, scaled=scaling != "none"))
             self._cut_forwards = install_cuts(model, self.width_groups, self._cuts,
                                               scaled=schedule.width_scaling != "none")
             self._apply()
@@ -74,12 +75,26 @@ class Controller:
         owners = [id(p) for gate in self._gates for p in set(gate.parameters())]
         self._units_share_parameters = len(owners) != len(set(owners))
         self._usage = UsageMonitor(self)
+        self._state.follow_wrappers = self._follow_wrappers
+
+    def _follow_wrappers(self) -> None:
+        """Move each gate onto the outermost wrapper in its unit's slot.
+
+        ``torch.compile`` or activation checkpointing applied to a block after ``transform`` would
+        otherwise hold the gate inside: a skipped unit would still enter the wrapper, and a gate that
+        breaks the graph inside a checkpoint makes dynamo give up on the whole block. Checked when an
+        optimizer is attached and at every step (two dict look-ups per unit).
+        """
+        for i, gate in enumerate(self._gates):
+            if gate.displaced():
+                self._gates[i] = move_gate(self.model, gate)
 
     # -- the step ------------------------------------------------------------------------
     def step(self) -> None:
         """Advance to the next optimizer step and draw its subnetwork."""
         previous = self.stage
         self._step += 1
+        self._follow_wrappers()
         self._apply()
         if self.stage != previous:
             row = self.plan()[self.stage]
@@ -194,6 +209,7 @@ class Controller:
             >>> ctl.attach(optimizer)            # or accelerator.prepare(...)'s optimizer
         """
         optimizer = unwrap_optimizer(optimizer)
+        self._follow_wrappers()  # the recipe wraps blocks (compile, checkpointing) before it builds the optimizer
         if step_with_optimizer and self._stepping_with is not None:
             raise ValueError(f"the controller already steps with {type(self._stepping_with).__name__}; attach "
                              "another optimizer with step_with_optimizer=False, or the schedule would "
@@ -319,7 +335,7 @@ def _refuse_wrapped(model: nn.Module) -> None:
     if _fully_sharded(model):
         raise RaptrError("the model is already sharded with fully_shard (FSDP2): transform before fully_shard, "
                          "i.e. raptr_fx.transform(model, ...), then fully_shard each unit and the root")
-    if any(isinstance(m.__dict__.get("forward"), GatedForward) or is_cut(m) for m in model.modules()):
+    if any(gate_of(m) is not None or is_cut(m) for m in model.modules()):
         raise RaptrError("the model is already transformed: call controller.remove() "
                          "(or raptr_fx.restore(model)) before transforming it again")
 

@@ -31,6 +31,7 @@ from .residuals import Residual, dataflow_graph, find_residuals
 from .skipping import ObservedOutput, OutputSlot, UnitFacts, judge, shared_reason
 from .tracing import ExampleInputs, TracedModel, normalize_example_inputs, trace
 from .untouched import class_forward, direct_calls, untouched
+from .wrappers import seen_through
 
 __all__ = ["Block", "Discovery", "discover", "find_blocks"]
 
@@ -125,16 +126,20 @@ def discover(
     # Nothing the passes run may stay in the model (caches of proxies or fakes, rebound attributes);
     # an instance forward that wraps the class's (Accelerate's autocast) is looked through, and a
     # direct ``layer.forward(...)`` call is seen as the layer's call.
-    with untouched(model), class_forward(model), direct_calls(model):
-        # The probe runs first: inputs the model rejects get their own error, not a tracing error.
-        measured = probe(model, inputs) if inputs is not None else None
-        traced = trace(model, inputs, tracer_options)
-    if measured is not None and not traced.call_counts:
-        traced.call_counts.update(measured.call_counts)
-    graph = dataflow_graph(traced)
-    residuals = find_residuals(traced, graph)
-    links = find_residuals(traced, graph, parameter_free=True)
-    blocks = _Grouping(model, traced, graph, residuals, measured, links).blocks(granularity)
+    # Blocks wrapped by torch.compile or activation checkpointing are seen as the user's modules;
+    # each unit keeps its slot's name, where the outermost wrapper (and so its gate) sits.
+    with seen_through(model) as real_name:
+        with untouched(model), class_forward(model), direct_calls(model):
+            # The probe runs first: inputs the model rejects get their own error, not a tracing error.
+            measured = probe(model, inputs) if inputs is not None else None
+            traced = trace(model, inputs, tracer_options)
+        if measured is not None and not traced.call_counts:
+            traced.call_counts.update(measured.call_counts)
+        graph = dataflow_graph(traced)
+        residuals = find_residuals(traced, graph)
+        links = find_residuals(traced, graph, parameter_free=True)
+        blocks = _Grouping(model, traced, graph, residuals, measured, links).blocks(granularity)
+    blocks = [replace(b, name=real_name(b.name)) for b in blocks]
     return Discovery(
         model_type=type(model).__name__,
         blocks=blocks,

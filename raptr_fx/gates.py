@@ -31,8 +31,9 @@ from torch import nn
 from .discovery import Block
 from .errors import RaptrError, RaptrWarning
 from .skipping import signature_of, skipped_output, stream_output, with_stream_output
+from .wrappers import is_compiled, wrapper_chain
 
-__all__ = ["GateState", "GatedForward", "install_gate", "remove_gates"]
+__all__ = ["GateState", "GatedForward", "gate_of", "install_gate", "move_gate", "remove_gates"]
 
 CompileMode = Literal["regional", "cond"]
 
@@ -64,6 +65,8 @@ class GateState:
         # by all units from one graph per unit (see _warn_if_each_unit_compiles_its_own_graph).
         self.compiled_units: dict[Any, set[int]] = {}
         self.warned_codes: set[Any] = set()
+        # The controller's: moves every displaced gate outside the wrappers put around its unit.
+        self.follow_wrappers: Callable[[], None] = lambda: None
 
     def set(self, keep: list[bool], scale: list[float]) -> None:
         self.keep[:] = keep
@@ -99,17 +102,25 @@ def _distributed() -> bool:
 
 
 class GatedForward:
-    """Stands in for ``module.forward``; see the module docstring."""
+    """Stands in for ``module.forward``; see the module docstring.
 
-    def __init__(self, module: nn.Module, block: Block, index: int, state: GateState, scaled: bool):
+    ``module`` is the outermost module in the unit's slot: the unit itself, or a wrapper around it
+    (``torch.compile``, activation checkpointing), so a skipped unit never enters the wrapper. On a
+    module compiled in place (``module.compile()``) the gate stands in for its compiled call instead.
+    """
+
+    def __init__(self, module: nn.Module, block: Block, index: int, state: GateState, scaled: bool,
+                 slot: tuple[nn.Module, str]):
         self.module = module
         self.block = block
         self.index = index
         self.state = state
         self.scaled = scaled  # False: scaling is "none", so no arithmetic is emitted at all
+        self.slot = slot  # (parent, attribute) that holds ``module``: a wrapper put there later is followed
+        self.place = "_compiled_call_impl" if "_compiled_call_impl" in module.__dict__ else "forward"
         self.slots = [(owner, name) for owner in module.modules() for name in owner._parameters]
-        self.original: Callable[..., Any] = module.forward
-        self.instance_forward = module.__dict__.get("forward")  # the user's own override, if any
+        self.original: Callable[..., Any] = getattr(module, self.place)
+        self.instance_forward = module.__dict__.get(self.place)  # the user's own override (or compiled call), if any
         self.compiled_forward: Callable[..., Any] | None = None  # regional mode, made on first use
         self.graphs_checked = False  # regional mode: counted among its forward's graphs once it ran
         self.__signature__ = signature_of(self.original)  # inspect.signature(module.forward) unchanged
@@ -166,6 +177,13 @@ class GatedForward:
                 out = out + _ZeroGradients.apply(x, *params)
         return skipped_output(self.block, args, kwargs, out)
 
+    def displaced(self) -> bool:
+        """Whether a wrapper now stands outside this gate: its slot holds another module (the user
+        wrapped the unit after ``transform``), or its module was compiled in place since."""
+        parent, attribute = self.slot
+        return parent._modules.get(attribute) is not self.module or (
+            self.place == "forward" and "_compiled_call_impl" in self.module.__dict__)
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if not self.module.training:
             return self.original(*args, **kwargs)
@@ -175,6 +193,8 @@ class GatedForward:
             if self.state.compile_mode == "cond":
                 return self.with_cond(args, kwargs)
             return _gate_outside_graph(self, args, kwargs)
+        if self.displaced():  # wrapped since the controller last looked: this call is already inside
+            _moved_out_late(self)
         return self.gated(args, kwargs, self.original)
 
     def gated(self, args: tuple, kwargs: dict, forward: Callable[..., Any]) -> Any:
@@ -207,7 +227,9 @@ class GatedForward:
         return skipped_output(self.block, args, kwargs, stream)
 
 
-@torch.compiler.disable
+@torch.compiler.disable(reason="raptr_fx's regional gates decide in Python at each unit, so the graph breaks there. "
+                        "With fullgraph=True, transform with compile_mode='cond' (one graph, a predicate tensor), or "
+                        "torch.compile each block after transform (the gates then decide outside the compiled blocks)")
 def _gate_outside_graph(gate: GatedForward, args: tuple, kwargs: dict) -> Any:
     """Regional mode: a graph break at the gate; the unit runs its own compiled graph.
 
@@ -261,20 +283,68 @@ def _warn_if_each_unit_compiles_its_own_graph(gate: GatedForward) -> None:
 PER_UNIT_GRAPHS_WARNING = 4  # one static and one dynamic graph are normal; more, one per unit, is not
 
 
-def install_gate(module: nn.Module, block: Block, index: int, state: GateState, scaled: bool) -> GatedForward:
-    gate = GatedForward(module, block, index, state, scaled)
-    module.forward = gate
+def _moved_out_late(gate: GatedForward) -> None:
+    """A gate found itself inside a wrapper while it ran: move it out now, and say so if the wrapper
+    compiles (this step the unit ran uncompiled, and dynamo may have given up on the wrapper's code)."""
+    chain = [m for m, _ in wrapper_chain(gate.slot[0]._modules[gate.slot[1]])]
+    gate.state.follow_wrappers()
+    if any(is_compiled(m) for m in chain):
+        wrappers = " > ".join(type(m).__name__ + (" (compiled in place)" if "_compiled_call_impl" in m.__dict__ else "")
+                              for m in chain)
+        warnings.warn(f"{gate.block.name} was wrapped ({wrappers}) after raptr_fx gated it, and ran "
+                      "before the controller saw the wrapper: the gate was inside compiled code, so this unit ran "
+                      "uncompiled (and torch.compile may have given up on the wrapper's code for this process). raptr_fx "
+                      "moved the gate onto the outermost wrapper. Wrap blocks (torch.compile, checkpoint_wrapper) before "
+                      "ctl.attach(optimizer), or call ctl.attach after wrapping, so no step runs like this",
+                      RaptrWarning, stacklevel=4)
+
+
+def slot_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The (parent, attribute) that holds the unit called ``name`` in ``model``."""
+    parent, _, attribute = name.rpartition(".")
+    return model.get_submodule(parent), attribute
+
+
+def install_gate(model: nn.Module, block: Block, index: int, state: GateState, scaled: bool) -> GatedForward:
+    """Gate ``block`` on the outermost module in its slot (the unit itself, or a wrapper around it)."""
+    slot = slot_of(model, block.name)
+    gate = GatedForward(slot[0]._modules[slot[1]], block, index, state, scaled, slot)
+    gate.module.__dict__[gate.place] = gate
     return gate
+
+
+def move_gate(model: nn.Module, gate: GatedForward) -> GatedForward:
+    """Put ``gate`` back outside every wrapper in its slot (wrapped after ``transform``)."""
+    outer = gate.slot[0]._modules.get(gate.slot[1])
+    if outer is None or not any(m is gate.module for m, _ in wrapper_chain(outer)):
+        raise RaptrError(f"{gate.block.name} now holds {type(outer).__name__}, which is not the unit raptr_fx gated "
+                         "(nor torch.compile or checkpoint_wrapper around it): replace modules before "
+                         "raptr_fx.transform, or ctl.remove() and transform again")
+    _remove_gate(gate)
+    return install_gate(model, gate.block, gate.index, gate.state, gate.scaled)
+
+
+def _remove_gate(gate: GatedForward) -> None:
+    del gate.module.__dict__[gate.place]
+    if gate.instance_forward is not None:
+        gate.module.__dict__[gate.place] = gate.instance_forward
+
+
+def gate_of(module: nn.Module) -> GatedForward | None:
+    """The gate standing on ``module``, if any."""
+    for place in ("forward", "_compiled_call_impl"):
+        gate = module.__dict__.get(place)
+        if isinstance(gate, GatedForward):
+            return gate
+    return None
 
 
 def remove_gates(model: nn.Module) -> int:
     """Remove every gate from ``model``; returns how many were removed."""
     removed = 0
     for module in model.modules():
-        gate = module.__dict__.get("forward")
-        if isinstance(gate, GatedForward):
-            del module.forward
-            if gate.instance_forward is not None:
-                module.forward = gate.instance_forward
+        gate = gate_of(module)
+        if gate is not None:
+            _remove_gate(gate)
             removed += 1
     return removed

@@ -34,6 +34,7 @@ from .probe import Probe, probe
 from .residuals import _op_name, dataflow_graph
 from .tracing import ExampleInputs, is_shape_query, normalize_example_inputs
 from .untouched import untouched
+from .wrappers import seen_through
 
 __all__ = ["WidthGroup", "find_width_groups", "width_groups"]
 
@@ -148,6 +149,12 @@ def discovery_inputs(model: nn.Module, example_inputs: Any) -> ExampleInputs | N
 
 def width_groups(model: nn.Module, discovery: Discovery, inputs: ExampleInputs | None) -> list[WidthGroup]:
     """The width groups inside the units of ``discovery`` (see :func:`find_width_groups`)."""
+    with seen_through(model) as real_name:  # discovery's graph names the modules inside wrappers as unwrapped
+        groups = _width_groups_seen_through(model, discovery, inputs)
+    return [replace(g, unit=real_name(g.unit), modules=tuple(real_name(m) for m in g.modules)) for g in groups]
+
+
+def _width_groups_seen_through(model: nn.Module, discovery: Discovery, inputs: ExampleInputs | None) -> list[WidthGroup]:
     traced = discovery.traced
     if inputs is not None and not _has_shapes(traced):
         _propagate_shapes(model, traced, inputs)

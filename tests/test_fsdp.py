@@ -114,3 +114,51 @@ def test_fsdp2_matches_a_single_process_run_and_keeps_only_shards(tmp_path, flow
         # Nothing (the gates included) keeps the unsharded parameters alive after sharding.
         assert [r["full_size_alive"] for r in ranks] == [0, 0]
         assert "transform before fully_shard" in ranks[0]["second_transform"]
+
+
+def _recipe_worker(rank: int, out_dir: str, order: str) -> dict:
+    """PyTorch's scaling recipe on every block: activation checkpointing, torch.compile, fully_shard."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    def recipe(model: GPT, counter, transform_at: str | None):
+        ctl = transform(model, **SCHEDULE) if transform_at == "first" else None
+        for i, block in enumerate(model.transformer.h):
+            model.transformer.h[i] = checkpoint_wrapper(block)
+        if transform_at == "after-ac":
+            ctl = transform(model, **SCHEDULE)
+        for i, block in enumerate(model.transformer.h):
+            model.transformer.h[i] = torch.compile(block, backend=counter)
+        _shard(model)
+        return ctl
+
+    result = {}
+    for transformed in (False, True):
+        torch._dynamo.reset()
+        counter = CompileCounterWithBackend("aot_eager")
+        model = reference_model()
+        ctl = recipe(model, counter, order if transformed else None)
+        if transformed:
+            result["decisions"], result["frozen"] = train(model, ctl, model, lambda step: batch(rank, step))
+            result["final"] = [_full(p).tolist() for p in model.parameters()]
+            result["graphs"] = counter.frame_count
+        else:
+            model(batch(rank, 0)).sum().backward()
+            result["untransformed_graphs"] = counter.frame_count
+    return result
+
+
+@pytest.mark.slow
+@pytest.mark.compile
+@pytest.mark.parametrize("order", ["first", "after-ac"], ids=["transform-ac-compile-shard", "ac-transform-compile-shard"])
+def test_fsdp2_with_checkpointed_compiled_blocks_compiles_like_the_untransformed_stack(tmp_path, order):
+    ranks = run_ranks(_recipe_worker, tmp_path, order)
+
+    model = reference_model()
+    ctl = transform(model, **SCHEDULE)
+    decisions, frozen = train(model, ctl, model, lambda step: torch.cat([batch(r, step) for r in range(WORLD)]))
+    for rank in ranks:
+        assert rank["decisions"] == decisions and all(rank["frozen"]) and rank["frozen"]
+        assert rank["graphs"] == rank["untransformed_graphs"] == 1  # one graph serves every block, no recompile
+        for got, want in zip(rank["final"], model.parameters()):
+            torch.testing.assert_close(torch.tensor(got), want.detach(), rtol=1e-4, atol=1e-5)

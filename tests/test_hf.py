@@ -304,3 +304,28 @@ def test_regional_units_that_compile_one_graph_each_are_warned_of(use_cache):
             warnings.simplefilter("error", raptr_fx.RaptrWarning)
         torch.compile(model, backend="eager")(**inputs(), labels=inputs()["input_ids"]).loss.backward()
     assert (units.frame_count >= 4) is use_cache  # what the warning says: a graph per kept layer
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_gradient_checkpointing_enabled_before_transform_keeps_the_layers(use_reentrant):
+    """A reentrant checkpoint runs the layer under no_grad, where no residual add is recorded: discovery
+    looks at the layers with their checkpointing off, and training checkpoints as the user asked."""
+    torch.manual_seed(0)
+    model = llama()
+    if hasattr(model, "activation_checkpointing_enable"):  # gradient_checkpointing_enable's new name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    model.train()
+    ctl = transform(model, RaPTr("2-3", total_steps=4), example_inputs=inputs(), seed=1)
+    assert [b.name for b in ctl.blocks] == [f"model.layers.{i}" for i in range(3)]
+    assert all(layer.gradient_checkpointing for layer in model.model.layers)  # left as the user set it
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ctl.attach(optimizer)
+    for _ in range(2):
+        kept = ctl.active
+        model(**inputs(), labels=inputs()["input_ids"]).loss.backward()
+        ran = [layer.mlp.down_proj.weight.grad is not None for layer in model.model.layers]
+        assert ran == kept
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
