@@ -28,6 +28,8 @@ EXAMPLES = [
      r"done: 6 steps on 2 ranks", []),
     ("fsdp2_meta", f"-m torch.distributed.run --nproc-per-node 2 examples/fsdp2_meta.py {SMALL}",
      r"rank 0 holds [\d,]+ of [\d,]+ parameters(.|\n)*done: 6 steps on 2 ranks", []),
+    ("fsdp2_recipe", f"-m torch.distributed.run --nproc-per-node 2 examples/fsdp2_recipe.py {SMALL}",
+     r"done: 6 steps on 2 ranks .* controller at step 6", []),
 ]
 
 
@@ -42,3 +44,23 @@ def test_example_runs(arguments, pattern, needs, tmp_path):
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert re.search(pattern, output), output[-3000:]
+
+
+@pytest.mark.slow
+def test_recipe_resumed_from_a_distributed_checkpoint_ends_as_the_uninterrupted_run(tmp_path):
+    """examples/fsdp2_recipe.py stopped mid-stage with DCP and resumed prints the last step's loss of
+    a run that never stopped, to every printed digit."""
+    def run(*extra: str) -> str:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "examples/fsdp2_recipe.py",
+                   *shlex.split(SMALL), "--no-compile", *extra]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+        return result.stdout
+
+    uninterrupted = run()
+    saved = run("--checkpoint", str(tmp_path / "ckpt"), "--save-at", "3")
+    resumed = run("--resume", str(tmp_path / "ckpt"))
+    assert "saved at step 3" in saved and "resumed at step 3, stage 1" in resumed
+    last = re.compile(r"step +5 .*loss (\d+\.\d+)")
+    assert last.search(resumed).group(1) == last.search(uninterrupted).group(1), (uninterrupted, resumed)

@@ -122,7 +122,8 @@ def test_discovery_leaves_no_trace_in_dynamo_for_blocks_compiled_in_place():
 
 @pytest.mark.compile
 @pytest.mark.parametrize("compile_mode", ["regional", "cond"])
-@pytest.mark.parametrize("order", ["transform-ac-compile", "ac-transform-compile", "compile-in-place-transform"])
+@pytest.mark.parametrize("order", ["transform-ac-compile", "ac-transform-compile", "ac-compile-transform",
+                                   "compile-in-place-transform"])
 def test_per_block_compile_under_checkpointing_compiles_like_the_untransformed_stack(order, compile_mode):
     """Every order of transform, activation checkpointing and per-block compile: the same graphs as
     the untransformed stack (one for every block), no recompile across stages, dropped units skipped,
@@ -136,7 +137,7 @@ def test_per_block_compile_under_checkpointing_compiles_like_the_untransformed_s
         if order == "ac-transform-compile":
             for i, block in enumerate(model.transformer.h):
                 model.transformer.h[i] = checkpoint_wrapper(block)
-        if transformed and order != "compile-in-place-transform":
+        if transformed and order in ("transform-ac-compile", "ac-transform-compile"):
             ctl = transform(model, **schedule)
         for i, block in enumerate(model.transformer.h):
             if order == "compile-in-place-transform":
