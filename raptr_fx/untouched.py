@@ -23,6 +23,7 @@ import types
 from collections import OrderedDict
 from typing import Any, Iterator
 
+import torch
 from torch import nn
 from torch.nn.modules.module import register_module_forward_pre_hook
 
@@ -49,15 +50,23 @@ def _refill(container: Any, saved: Any) -> None:
 
 @contextlib.contextmanager
 def untouched(model: nn.Module) -> Iterator[None]:
-    """On exit, every module of ``model`` has exactly the ``__dict__`` entries it had on entry."""
+    """On exit, every module of ``model`` has exactly the ``__dict__`` entries it had on entry, and
+    every buffer its values (a pass that runs modules in training mode updates BatchNorm statistics
+    and counters in place)."""
     saved = []
     for module in model.modules():
         entries = dict(module.__dict__)
         contents = {k: _shallow(v) for k, v in entries.items() if type(v) in _CONTAINERS}
         saved.append((module, entries, contents))
+    buffers = [(b, b._version, b.detach().clone()) for b in {id(b): b for b in model.buffers()}.values()
+               if b.device.type != "meta"]
     try:
         yield
     finally:
+        with torch.no_grad():
+            for buffer, version, values in buffers:
+                if buffer._version != version:
+                    buffer.copy_(values)
         for module, entries, contents in saved:
             state = module.__dict__
             for key in [k for k in state if k not in entries]:

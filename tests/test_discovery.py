@@ -124,11 +124,13 @@ def test_bad_arguments():
         find_blocks(lambda x: x)
 
 
-def test_discovery_leaves_the_model_and_rng_untouched():
+@pytest.mark.parametrize("find", [find_blocks, raptr_fx.find_width_groups], ids=["depth", "width"])
+def test_discovery_leaves_the_model_and_rng_untouched(find):
+    """BatchNorm in training mode included: width's shape pass once counted a batch in every one."""
     model = ResNet().train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
-    find_blocks(model, images())
+    find(model, images())
     assert torch.equal(rng, torch.get_rng_state())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert model.training
