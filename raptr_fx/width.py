@@ -380,6 +380,10 @@ class _Finder:
         sources = [self.nearest_projections(n, region, backwards=True) for n in (query, key, value)]
         consumers = self.nearest_projections(out, region, backwards=False)
         named = sorted(set().union(*sources) | consumers, key=self.first_node)
+        if not any(sources):  # projected by something else (1x1 convolutions): no group to cut, but say so
+            return WidthGroup(unit, "heads", 0, (unit,), droppable=False,
+                              reason=f"the {op} attention's query, key and value come from no nn.Linear or "
+                              "Conv1D projection (1x1 convolutions, say): its heads are not cut")
         group = WidthGroup(unit, "heads", 0, tuple(named), params=self.params(named))
 
         def refuse(reason: str) -> WidthGroup:
@@ -435,7 +439,9 @@ class _Finder:
                                         reason="nn.MultiheadAttention packs query, key and value into one "
                                         "in_proj_weight and runs as one op: its heads cannot be cut"))
                 continue
-            stacked = [n for n, p in module.named_parameters(recurse=False) if p.dim() == 3]
+            # [experts, out, in]: a matrix per expert. A [heads, 1, 1] scale (a per-head logit
+            # temperature) is 3-D too, but holds no matrix to cut.
+            stacked = [n for n, p in module.named_parameters(recurse=False) if p.dim() == 3 and min(p.shape) > 1]
             if stacked:
                 found.append(WidthGroup(unit, "mlp", 0, (name,), droppable=False, params=self.params([name]),
                                         reason=f"its experts keep their weights in one 3-D parameter "

@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -422,3 +423,59 @@ def test_moe_experts_refused_with_a_reason_shared_expert_and_heads_cut():
     assert groups["model.layers.0.self_attn:heads"].droppable and groups["model.layers.0.self_attn:heads"].parts == 2
     shared = groups["model.layers.0.mlp.shared_expert:mlp"]
     assert shared.droppable and shared.modules[-1] == "model.layers.0.mlp.shared_expert.down_proj"
+
+
+def test_a_per_head_scale_is_no_expert_weight():
+    """A 3-D parameter with a matrix per entry is an expert weight; a [heads, 1, 1] logit scale is not."""
+    class ScaledAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.logit_scale = nn.Parameter(torch.ones(2, 1, 1))
+            self.proj = nn.Linear(16, 16)
+
+        def forward(self, x):
+            b, t, c = x.shape
+            heads = x.view(b, t, 2, c // 2).transpose(1, 2) * self.logit_scale
+            return self.proj(heads.transpose(1, 2).reshape(b, t, c))
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn, self.fc, self.out = ScaledAttention(), nn.Linear(16, 64), nn.Linear(64, 16)
+
+        def forward(self, x):
+            x = x + self.attn(x)
+            return x + self.out(torch.relu(self.fc(x)))
+
+    model = nn.Sequential(Block(), Block())
+    groups = raptr_fx.find_width_groups(model, torch.randn(2, 4, 16))
+    assert not any("3-D parameter" in (g.reason or "") for g in groups), [g.reason for g in groups]
+    assert [g.name for g in groups if g.droppable] == ["0:mlp", "1:mlp"]
+
+
+def test_attention_projected_by_1x1_convolutions_is_refused_with_a_reason_and_its_mlp_found():
+    class ConvAttention(nn.Module):
+        def __init__(self, c: int = 16, heads: int = 2):
+            super().__init__()
+            self.q, self.kv, self.out, self.heads = nn.Conv2d(c, c, 1), nn.Conv2d(c, 2 * c, 1), nn.Conv2d(c, c, 1), heads
+
+        def forward(self, x):
+            b, c, h, w = x.shape
+            q = self.q(x).reshape(b, self.heads, c // self.heads, h * w).transpose(-1, -2)
+            k, v = self.kv(x).reshape(b, 2, self.heads, c // self.heads, h * w).unbind(1)
+            y = (torch.softmax(q @ k, dim=-1) @ v.transpose(-1, -2)).transpose(-1, -2).reshape(b, c, h, w)
+            return self.out(y)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn, self.fc, self.proj = ConvAttention(), nn.Linear(16, 64), nn.Linear(64, 16)
+
+        def forward(self, x):
+            x = x + self.attn(x)
+            return x + self.proj(torch.relu(self.fc(x.transpose(1, 3)))).transpose(1, 3)
+
+    groups = raptr_fx.find_width_groups(nn.Sequential(Block(), Block()), torch.randn(2, 16, 4, 4))
+    heads = [g for g in groups if g.kind == "heads"]
+    assert heads and all(not g.droppable and "no nn.Linear or Conv1D projection" in g.reason for g in heads)
+    assert [g.name for g in groups if g.droppable] == ["0:mlp", "1:mlp"]
