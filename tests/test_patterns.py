@@ -139,6 +139,8 @@ def test_discovery_and_transform_leave_a_caching_model_as_it_was(example):
         blocks = find_blocks(model, example)
         assert [b.name for b in blocks if b.droppable] == ["layers.0", "layers.1", "layers.2"]
         assert_same_state(before, module_state(model))
+        raptr_fx.find_width_groups(model, example)  # width's shape pass and proof run the modules too
+        assert_same_state(before, module_state(model))
     if example is not None:  # the real pass (the probe's fallback) leaves nothing either
         assert probe(model, normalize_example_inputs(example), mode="real").mode == "real"
         assert_same_state(before, module_state(model))
