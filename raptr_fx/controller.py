@@ -359,9 +359,11 @@ def _patterns(patterns: Iterable[str] | str | None, argument: str) -> list[str] 
     return listed
 
 
-def _select(blocks: list[Block], include: Iterable[str] | None, exclude: Iterable[str] | None) -> list[Block]:
+def _select(blocks: list[Block], include: Iterable[str] | None, exclude: Iterable[str] | None,
+            droppable_only: bool = True) -> list[Block]:
+    """The units chosen by ``include``/``exclude``; only droppable ones when they will be dropped."""
     by_name = {b.name: b for b in blocks}
-    chosen = [b for b in blocks if b.droppable]
+    chosen = [b for b in blocks if b.droppable or not droppable_only]
     if include is not None:
         patterns = list(include)
         for pattern in patterns:
@@ -369,7 +371,7 @@ def _select(blocks: list[Block], include: Iterable[str] | None, exclude: Iterabl
             if not matched:
                 raise ValueError(f"include pattern {pattern!r} matches no unit; units are {list(by_name)}")
             bad = next((b for b in matched if not b.droppable), None)
-            if bad is not None:
+            if bad is not None and droppable_only:
                 raise ValueError(f"include pattern {pattern!r} names {bad.name}, which cannot be dropped: {bad.reason}")
         chosen = [b for b in chosen if any(fnmatch.fnmatchcase(b.name, p) for p in patterns)]
     for pattern in exclude or ():
@@ -434,7 +436,9 @@ def transform(
     _scaling_function(scaling)
     check_compile_mode(compile_mode)
     discovery = discover(model, example_inputs, granularity=granularity, **tracer_options)
-    blocks = _select(discovery.blocks, include, exclude)
+    # A width-only schedule drops no unit: it cuts inside every unit found, droppable or not (as
+    # find_width_groups reports), and a unit refused for depth is no reason to refuse it.
+    blocks = _select(discovery.blocks, include, exclude, droppable_only=schedule.gates_depth)
     if not blocks:
         if not discovery.droppable:
             raise no_blocks_error(discovery)

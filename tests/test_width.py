@@ -479,3 +479,22 @@ def test_attention_projected_by_1x1_convolutions_is_refused_with_a_reason_and_it
     heads = [g for g in groups if g.kind == "heads"]
     assert heads and all(not g.droppable and "no nn.Linear or Conv1D projection" in g.reason for g in heads)
     assert [g.name for g in groups if g.droppable] == ["0:mlp", "1:mlp"]
+
+
+@pytest.mark.parametrize("name", ["ParentNorm", "ScaledShortcutStack"])
+def test_width_only_schedules_cut_the_groups_find_width_groups_reports_in_refused_units(name):
+    """A width-only schedule drops no unit, so a unit refused for depth still has its groups cut."""
+    from tests.fixtures import patterns
+
+    model = getattr(patterns, name)()
+    x = torch.randn(2, 8, 16)
+    reported = [g.name for g in raptr_fx.find_width_groups(model, (x,)) if g.droppable]
+    assert reported and not any(b.droppable for b in raptr_fx.find_blocks(model, (x,)))
+    with pytest.raises(raptr_fx.RaptrError, match="no droppable residual blocks"):
+        transform(model, RaPTr("1-2", total_steps=4), example_inputs=(x,))  # depth still needs droppable units
+    reference = copy.deepcopy(model)
+    ctl = transform(model, WidthRaPTr("0.5-1", total_steps=4), example_inputs=(x,))
+    assert list(ctl.kept_parts) == reported and all(k == 32 for k in ctl.kept_parts.values())
+    model(x).sum().backward()
+    model.eval()
+    assert torch.equal(model(x), reference(x))
