@@ -347,7 +347,8 @@ def host_seconds_per_step(ctl: raptr_fx.Controller, optimizer: torch.optim.Optim
     skipped = [gate for gate, keep in zip(ctl._gates, ctl.active) if not keep]
     skip_call = each(lambda: skipped[0].module(x)) if skipped else 0.0
     nothing = nn.Identity()
-    probe_gate = raptr_fx.gates.GatedForward(nothing, ctl.blocks[0], 0, ctl._state, scaled=False)
+    holder = nn.Sequential(nothing)  # a slot for the probe gate, as a unit's parent gives one
+    probe_gate = raptr_fx.gates.GatedForward(nothing, ctl.blocks[0], 0, ctl._state, scaled=False, slot=(holder, "0"))
     kept_overhead = max(0.0, each(lambda: probe_gate(x)) - each(lambda: nothing(x)))
     kept = len(ctl._gates) - len(skipped)
     ctl.load_state_dict(state)
