@@ -9,7 +9,8 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from .cutting import Cut, CutState, FrozenParts, install_cuts, is_cut, remove_cuts
+from .cutting import (Cut, CutState, FrozenParts, _is_dtensor, install_cuts, is_cut, remove_cuts,
+                      tensor_parallel_width_error)
 from .discovery import Block, Discovery, discover, no_blocks_error
 from .errors import RaptrError
 from .gates import CompileMode, GatedForward, GateState, check_compile_mode, install_gate, remove_gates
@@ -437,6 +438,7 @@ def _width_groups(model: nn.Module, discovery: Discovery, example_inputs: Any, s
                   blocks: list[Block]) -> list[WidthGroup]:
     """The cuttable groups of the schedule's kinds inside the chosen units; an error if there are none."""
     units = {b.name for b in blocks}
+    _refuse_tensor_parallel_width(model, units)
     found = [g for g in width_groups(model, discovery, discovery_inputs(model, example_inputs))
              if g.unit in units and g.kind in schedule.width_kinds]
     chosen = [g for g in found if g.droppable]
@@ -445,6 +447,14 @@ def _width_groups(model: nn.Module, discovery: Discovery, example_inputs: Any, s
         raise RaptrError(f"the schedule cuts width ({', '.join(schedule.width_kinds)}) but {type(model).__name__} "
                          f"has no cuttable group in its units ({refused}). Run `raptr-fx inspect MODEL --width`.")
     return chosen
+
+
+def _refuse_tensor_parallel_width(model: nn.Module, units: set[str]) -> None:
+    """Width cuts select rows and columns of the global weight; a tensor-parallel (DTensor) weight
+    holds a shard per rank, which the cut would have to select per rank: not supported."""
+    for name, param in model.named_parameters():
+        if any(name.startswith(unit + ".") for unit in units) and _is_dtensor(param):
+            raise RaptrError(tensor_parallel_width_error(name, param))
 
 
 def restore(model: nn.Module) -> nn.Module:
