@@ -194,6 +194,10 @@ class Controller:
             step_with_optimizer: call :meth:`step` after every ``optimizer.step()``. Only one
                 optimizer may step the controller; attach a second one with ``False``.
 
+        A step that trains nothing (no gradients, or the zero-lr step with zero gradients by which
+        ``torch.distributed.checkpoint`` initialises optimizer state) is ignored. The optimizer's
+        ``state_dict()`` gives units not run yet zero state, so DCP checkpoints load strictly.
+
         Example:
             >>> ctl.attach(optimizer)            # or accelerator.prepare(...)'s optimizer
         """
@@ -277,11 +281,14 @@ class Controller:
         if not self._updated_loaded:
             self._loaded_optimizers.clear()
             return
+        shared = ({id(p) for gate, updated in zip(self._gates, self._updated) if updated for p in gate.parameters()}
+                  if self._units_share_parameters else set())  # tied to an updated unit: real state
         for optimizer in self._loaded_optimizers:
             for updated, gate in zip(self._updated, self._gates):
                 if not updated:
                     for param in gate.parameters():
-                        optimizer.state.pop(param, None)
+                        if id(param) not in shared:
+                            optimizer.state.pop(param, None)
         self._loaded_optimizers.clear()
 
     def release_dropped_grads(self) -> None:

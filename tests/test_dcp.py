@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.fsdp import fully_shard
 
 from raptr_fx import RaPTr, transform
@@ -130,6 +131,7 @@ def _resume_in_one_process(make_optimizer, path: str) -> dict:
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
     resumed = saved + _train(model, optimizer, ctl, 0, STEPS)
     return dict(never_ran=[i for i in range(4) if not any(d[i] for d in saved)], saves_moved=saves_moved,
+                stateful=isinstance(ctl, Stateful),
                 decisions_equal=resumed == uninterrupted, parameters_equal=_same(list(model.parameters()), want))
 
 
@@ -142,5 +144,5 @@ def _resume_in_one_process(make_optimizer, path: str) -> dict:
 ], ids=["adamw", "sgd-dampening"])
 def test_dcp_resume_in_one_process_is_bitwise(tmp_path, make_optimizer):
     result = _resume_in_one_process(make_optimizer, str(tmp_path / "checkpoint"))
-    assert result["never_ran"] and result["saves_moved"] == 0
+    assert result["stateful"] and result["never_ran"] and result["saves_moved"] == 0
     assert result["decisions_equal"] and result["parameters_equal"]
