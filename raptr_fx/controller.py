@@ -9,7 +9,8 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from .cutting import Cut, CutState, FrozenParts, install_cuts, is_cut, remove_cuts
+from .cutting import (Cut, CutState, FrozenParts, _is_dtensor, install_cuts, is_cut, remove_cuts,
+                      tensor_parallel_width_error)
 from .discovery import Block, Discovery, discover, no_blocks_error
 from .errors import RaptrError
 from .gates import (CompileMode, GatedForward, GateState, check_compile_mode, gate_of, install_gate, move_gate,
@@ -53,6 +54,7 @@ class Controller:
         self._cuts = CutState(self.width_groups)
         self._frozen_parts = FrozenParts(self._cuts, lambda: set(self.active_blocks))
         self._hooks: list[Any] = []
+        self._loaded_optimizers: set[torch.optim.Optimizer] = set()  # load_state_dict ran, not stepped since
         self._stepping_with: torch.optim.Optimizer | None = None
         self._step = 0
         modules = dict(model.named_modules())
@@ -74,6 +76,8 @@ class Controller:
         # its gradient. Checked once here; without ties, no per-step set of running parameters.
         owners = [id(p) for gate in self._gates for p in set(gate.parameters())]
         self._units_share_parameters = len(owners) != len(set(owners))
+        self._updated = [False] * len(self._gates)  # units whose parameters an optimizer has state for
+        self._updated_loaded = False  # _updated comes from a checkpoint: see _forget_placeholder_state
         self._usage = UsageMonitor(self)
         self._state.follow_wrappers = self._follow_wrappers
 
@@ -205,6 +209,10 @@ class Controller:
             step_with_optimizer: call :meth:`step` after every ``optimizer.step()``. Only one
                 optimizer may step the controller; attach a second one with ``False``.
 
+        A step that trains nothing (no gradients, or the zero-lr step with zero gradients by which
+        ``torch.distributed.checkpoint`` initialises optimizer state) is ignored. The optimizer's
+        ``state_dict()`` gives units not run yet zero state, so DCP checkpoints load strictly.
+
         Example:
             >>> ctl.attach(optimizer)            # or accelerator.prepare(...)'s optimizer
         """
@@ -214,16 +222,90 @@ class Controller:
             raise ValueError(f"the controller already steps with {type(self._stepping_with).__name__}; attach "
                              "another optimizer with step_with_optimizer=False, or the schedule would "
                              "advance once per optimizer")
-        if freeze_dropped:
-            self._hooks.append(optimizer.register_step_pre_hook(lambda *_: self.release_dropped_grads()))
-            if self.width_groups:  # before the step hook below, which draws the next step's cuts
-                self._hooks.append(optimizer.register_step_pre_hook(lambda opt, *_: self._frozen_parts.save(opt)))
-                self._hooks.append(optimizer.register_step_post_hook(
-                    lambda opt, *_: self._frozen_parts.restore(opt)))
+        # A step that trains nothing (DCP's optimizer state initialisation, a step without gradients)
+        # leaves the gradients, the frozen parts and the controller alone: decided before the step,
+        # read by every hook of this optimizer for that step.
+        training = [False]
+
+        def before_step(opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+            # args holds the optimizer itself, then step()'s own arguments. A closure makes the
+            # gradients (LBFGS, Lightning): a training step, though none exist yet.
+            closure = args[1] if len(args) > 1 else kwargs.get("closure")
+            training[0] = closure is not None or not _trains_nothing(opt)
+            if not training[0]:
+                return
+            if self._loaded_optimizers:
+                self._forget_placeholder_state()
+            if freeze_dropped:
+                self.release_dropped_grads()
+                if self.width_groups:
+                    self._frozen_parts.save(opt)
+
+        def after_step(opt: torch.optim.Optimizer, *_: Any) -> None:
+            if not training[0]:
+                return
+            training[0] = False
+            if freeze_dropped and self.width_groups:  # before step() below, which draws the next step's cuts
+                self._frozen_parts.restore(opt)
+            self._note_updated_units(opt)
+            if step_with_optimizer:
+                self.step()
+
+        self._hooks.append(optimizer.register_step_pre_hook(before_step))
+        self._hooks.append(optimizer.register_step_post_hook(after_step))
+        # Distributed checkpoints (DCP) need optimizer state for every parameter; see _complete_state.
+        self._hooks.append(optimizer.register_state_dict_post_hook(self._complete_state))
+        self._hooks.append(optimizer.register_load_state_dict_post_hook(self._loaded_optimizers.add))
         if step_with_optimizer:
-            self._hooks.append(optimizer.register_step_post_hook(lambda *_: self.step()))
             self._stepping_with = optimizer
         return self
+
+    def _note_updated_units(self, optimizer: torch.optim.Optimizer) -> None:
+        """Mark the units whose parameters now have optimizer state (a unit is marked once, so
+        this costs nothing once every unit has run a step)."""
+        for i, gate in enumerate(self._gates):
+            if not self._updated[i] and any(p in optimizer.state for p in gate.parameters()):
+                self._updated[i] = True
+
+    def _complete_state(self, optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
+        """``optimizer.state_dict()`` post-hook: give every parameter of a unit that has not been
+        updated yet the optimizer's state at zero steps (zero tensors, shaped as another parameter's).
+
+        A unit dropped at every step so far has no optimizer state, while DCP loads an optimizer
+        strictly only if every parameter has some. Only the returned dict gains it: the optimizer
+        is untouched. On load, the first training step forgets it again (the loaded controller says
+        which units were not updated), so the resumed run is the uninterrupted one, for any optimizer.
+        """
+        state = state_dict["state"]
+        if not state:  # no state at all (SGD without momentum): DCP initialises it with a zero-lr step
+            return
+        in_units = {id(p) for gate in self._gates for p in gate.parameters()}
+        for group, saved_group in zip(optimizer.param_groups, state_dict["param_groups"]):
+            for param, index in zip(group["params"], saved_group["params"]):
+                if index in state or id(param) not in in_units or not param.requires_grad:
+                    continue
+                placeholder = _state_at_zero_steps(optimizer, param)
+                if placeholder is None:
+                    return  # state not shaped like the parameters (e.g. factored): DCP then names the gap
+                state[index] = placeholder
+
+    def _forget_placeholder_state(self) -> None:
+        """After an optimizer was loaded: units not updated when it was saved have the placeholder
+        state of :meth:`_complete_state`; drop it, so they start as in the uninterrupted run.
+        Only with a loaded controller: a fresh one (a new schedule on a loaded optimizer) knows nothing
+        of the checkpoint, so the loaded state stays."""
+        if not self._updated_loaded:
+            self._loaded_optimizers.clear()
+            return
+        shared = ({id(p) for gate, updated in zip(self._gates, self._updated) if updated for p in gate.parameters()}
+                  if self._units_share_parameters else set())  # tied to an updated unit: real state
+        for optimizer in self._loaded_optimizers:
+            for updated, gate in zip(self._updated, self._gates):
+                if not updated:
+                    for param in gate.parameters():
+                        if id(param) not in shared:
+                            optimizer.state.pop(param, None)
+        self._loaded_optimizers.clear()
 
     def release_dropped_grads(self) -> None:
         """Set the gradients of this step's dropped units to None (shared parameters excepted).
@@ -261,11 +343,18 @@ class Controller:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        self._loaded_optimizers.clear()
         self._stepping_with = None
 
     # -- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        state = {"step": self._step, "seed": self.seed, "blocks": [b.name for b in self.blocks]}
+        """The step, seed and unit names; the controller is a ``torch.distributed.checkpoint`` Stateful.
+
+        Example:
+            >>> dcp.save({"model": model_sd, "optim": optim_sd, "raptr": ctl}, checkpoint_id=path)
+        """
+        state = {"step": self._step, "seed": self.seed, "blocks": [b.name for b in self.blocks],
+                 "updated": list(self._updated)}
         if self.width_groups:
             state["width_groups"] = [g.name for g in self.width_groups]
         return state
@@ -280,6 +369,9 @@ class Controller:
                              f"this controller cuts {groups}")
         self.seed = int(state["seed"])
         self._step = int(state["step"])
+        # Older checkpoints do not say: count every unit as updated, so no optimizer state is dropped.
+        self._updated = [bool(u) for u in state.get("updated", [True] * len(self._gates))]
+        self._updated_loaded = True
         self._apply()
         self._usage.restart()
 
@@ -311,6 +403,49 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
         raise TypeError(f"attach() needs a torch.optim.Optimizer (or a trainer's wrapper of one), got "
                         f"{type(optimizer).__name__}: pass the optimizer that updates the model's parameters")
     return current
+
+
+def _trains_nothing(optimizer: torch.optim.Optimizer) -> bool:
+    """True for an ``optimizer.step()`` that cannot train anything: no parameter has a gradient, or
+    DCP's optimizer state initialisation (``get_state_dict``/``set_state_dict`` on an optimizer
+    without state set every gradient to zero and the learning rates to 0, then step).
+
+    Cheap on a training step: the first parameter with a gradient answers the first question,
+    and the second is asked only of an optimizer without state whose learning rates are all 0.
+    """
+    grads = (p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None)
+    if next(grads, None) is None:
+        return True
+    if optimizer.state or any(float(group.get("lr", 1.0)) != 0.0 for group in optimizer.param_groups):
+        return False
+    return not any(_local(g).any() for group in optimizer.param_groups for p in group["params"]
+                   if (g := p.grad) is not None)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The part of a tensor this rank holds (a DTensor's local shard)."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def _state_at_zero_steps(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict[str, Any] | None:
+    """Optimizer state for ``param`` shaped as another parameter's: zero tensors (the parameter's shape,
+    mesh and placements for tensors shaped like that parameter, scalars for scalars), other values
+    as they are. None if no parameter has state, or a state tensor has another shape."""
+    for other, pattern in optimizer.state.items():
+        if not pattern:
+            continue
+        state: dict[str, Any] = {}
+        for key, value in pattern.items():
+            if not isinstance(value, torch.Tensor):
+                state[key] = value
+            elif value.dim() == 0:
+                state[key] = torch.zeros_like(value)
+            elif value.shape == other.shape:
+                state[key] = torch.zeros_like(param, dtype=value.dtype)
+            else:
+                return None
+        return state
+    return None
 
 
 def _scaling_function(scaling: ScalingRule) -> Callable[[float], float]:
@@ -457,6 +592,7 @@ def _width_groups(model: nn.Module, discovery: Discovery, example_inputs: Any, s
                   blocks: list[Block]) -> list[WidthGroup]:
     """The cuttable groups of the schedule's kinds inside the chosen units; an error if there are none."""
     units = {b.name for b in blocks}
+    _refuse_tensor_parallel_width(model, units)
     found = [g for g in width_groups(model, discovery, discovery_inputs(model, example_inputs))
              if g.unit in units and g.kind in schedule.width_kinds]
     chosen = [g for g in found if g.droppable]
@@ -465,6 +601,14 @@ def _width_groups(model: nn.Module, discovery: Discovery, example_inputs: Any, s
         raise RaptrError(f"the schedule cuts width ({', '.join(schedule.width_kinds)}) but {type(model).__name__} "
                          f"has no cuttable group in its units ({refused}). Run `raptr-fx inspect MODEL --width`.")
     return chosen
+
+
+def _refuse_tensor_parallel_width(model: nn.Module, units: set[str]) -> None:
+    """Width cuts select rows and columns of the global weight; a tensor-parallel (DTensor) weight
+    holds a shard per rank, which the cut would have to select per rank: not supported."""
+    for name, param in model.named_parameters():
+        if any(name.startswith(unit + ".") for unit in units) and _is_dtensor(param):
+            raise RaptrError(tensor_parallel_width_error(name, param))
 
 
 def restore(model: nn.Module) -> nn.Module:

@@ -25,9 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import RaptrError
 from .width import Projection, WidthGroup, projection_of
 
-__all__ = ["Cut", "CutState", "install_cuts", "remove_cuts", "is_cut", "FrozenParts", "kept_indices", "trial_cuts"]
+__all__ = ["Cut", "CutState", "install_cuts", "remove_cuts", "is_cut", "FrozenParts", "kept_indices", "trial_cuts",
+           "tensor_parallel_width_error"]
 
 
 class Cut:
@@ -64,10 +66,20 @@ def _cut_forward(module: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) 
     if cut.index is None or not (module.training or cut.always):
         return cut.original(x, *args, **kwargs)
     weight = module.weight
+    if _is_dtensor(weight):  # FSDP2 alone gives the forward plain tensors: this is tensor parallel
+        raise RaptrError(tensor_parallel_width_error(f"{type(module).__name__}.weight", weight))
     if cut.index.device != weight.device:  # moved since the draw (meta-device init, .to()): follow it
         cut.index = kept_indices(cut.kept, cut.width, weight.device)
     return cut_linear(x, weight, module.bias, cut.index, producer=cut.producer, transposed=cut.transposed,
                       scale=cut.scale)
+
+
+def tensor_parallel_width_error(name: str, weight: torch.Tensor) -> str:
+    placements = ", ".join(repr(p) for p in weight.placements)
+    return (f"width cuts do not support tensor parallel: {name} is a DTensor sharded as ({placements}) on "
+            f"{weight.device_mesh}, so each rank holds a shard of the rows or columns a cut selects. Cut "
+            "depth only with tensor parallel (a schedule without width), or use width without "
+            "parallelize_module (FSDP2's fully_shard is fine)")
 
 
 class CutState:
@@ -267,12 +279,14 @@ def _local_index(tensor: torch.Tensor, dim: int, index: torch.Tensor) -> torch.T
     return inside - start
 
 
+try:  # imported once: _cut_forward asks at every call, also while dynamo traces it
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # a torch built without distributed support
+    _DTensor = None
+
+
 def _is_dtensor(tensor: torch.Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a torch built without distributed support
-        return False
-    return isinstance(tensor, DTensor)
+    return _DTensor is not None and isinstance(tensor, _DTensor)
 
 
 def _shaped_state(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict[str, torch.Tensor]:

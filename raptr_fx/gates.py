@@ -81,20 +81,42 @@ class _ZeroGradients(torch.autograd.Function):
     """A scalar zero whose backward gives each parameter a zero gradient.
 
     Added to a skipped unit's output so DDP's reducer sees every parameter used,
-    without ``find_unused_parameters=True`` and without running the unit.
+    without ``find_unused_parameters=True`` and without running the unit. A tensor-parallel
+    (DTensor) parameter gets a DTensor zero of its mesh and placements, so ``clip_grad_norm_``
+    and optimizers see the same kind of gradient as the untransformed model's.
     """
 
     @staticmethod
     def forward(ctx: Any, like: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
-        ctx.shapes = [(p.shape, p.dtype, p.device) for p in params]
+        ctx.likes = [_zeros_spec(p) for p in params]  # specs, not the parameters: nothing kept alive
         return like.new_zeros(())
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        return (None, *(torch.zeros(s, dtype=d, device=v) for s, d, v in ctx.shapes))
+        return (None, *(_zeros(spec) for spec in ctx.likes))
+
+
+def _zeros_spec(param: torch.Tensor) -> tuple:
+    if _is_dtensor(param):  # tensor parallel: FSDP2 alone swaps in plain unsharded tensors for the forward
+        return (param.shape, param.dtype, param.device, param.device_mesh, tuple(param.placements))
+    return (param.shape, param.dtype, param.device, None, None)
+
+
+def _zeros(spec: tuple) -> torch.Tensor:
+    shape, dtype, device, mesh, placements = spec
+    if mesh is None:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    from torch.distributed.tensor import zeros
+    return zeros(shape, dtype=dtype, device_mesh=mesh, placements=placements)
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    return _DISTRIBUTED_BUILD and isinstance(tensor, _DTensor)
 
 
 _DISTRIBUTED_BUILD = dist.is_available()  # a property of the torch build: asked once, not per skipped unit
+if _DISTRIBUTED_BUILD:
+    from torch.distributed.tensor import DTensor as _DTensor
 
 
 def _distributed() -> bool:
