@@ -32,7 +32,7 @@ dynamo and loads the compiled graphs from those caches, outside the counted step
 AVX2 code here (``cpp.simdlen = 256``, ``-march=x86-64-v3``) in both processes: valgrind runs no
 AVX-512, and the caches match only under the same settings.
 
-    python benchmarks/instructions.py            # every case, ~25 min on one core
+    python benchmarks/instructions.py            # every case, ~30 min on one core
     python benchmarks/instructions.py --quick    # a tiny model, eager all-on only: a smoke test
 """
 
@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -94,7 +95,8 @@ class ResidualMLP(nn.Module):
 class Variant:
     """One model and optimizer to count. ``kind``: untransformed, built (k units, or MLPs at
     ``fraction``, with idle parameters as described in the module docstring), gates (all on, not
-    attached), all-on, k-of-L, width, width-unfrozen."""
+    attached: the gates' work alone), all-on, k-of-L, k-of-L-gates (not attached: the same k units
+    every step), width, width-unfrozen."""
 
     kind: str
     width: int = 128
@@ -127,7 +129,7 @@ def build_step(variant: Variant) -> Callable[[], None]:
         params = list(model.parameters())
     elif kind in ("gates", "all-on"):
         ctl = raptr_fx.transform(model, raptr_fx.FullModel(), compile_mode="cond" if variant.compiled == "cond" else "regional")
-    elif kind == "k-of-L":
+    elif kind in ("k-of-L", "k-of-L-gates"):
         schedule = raptr_fx.RaPTr([raptr_fx.Stage(FOREVER, active=variant.units)], sampling="exact")
         ctl = raptr_fx.transform(model, schedule)
     elif kind in ("width", "width-unfrozen"):
@@ -136,7 +138,7 @@ def build_step(variant: Variant) -> Callable[[], None]:
     elif kind != "untransformed":
         raise ValueError(f"unknown variant kind {kind!r}")
     optimizer = torch.optim.SGD(params, lr=1e-3)
-    if ctl is not None and kind != "gates":
+    if ctl is not None and kind not in ("gates", "k-of-L-gates"):  # not attached: no hooks, no controller step
         ctl.attach(optimizer, freeze_dropped=kind != "width-unfrozen")
     forward = model
     if variant.compiled is not None:
@@ -262,6 +264,9 @@ def main() -> None:
     print(f"# {time.strftime('%Y-%m-%d')} | torch {torch.__version__} | python {sys.version.split()[0]} | "
           f"1 thread | callgrind, denoised, {args.steps} steps per variant\n# command: python {' '.join(sys.argv)}",
           flush=True)
+    if shutil.which("valgrind") is None:
+        print("valgrind is not installed: nothing counted (apt-get install valgrind)")
+        return
     rows: list[Row] = []
     notes: list[str] = []
     if args.quick:
@@ -300,9 +305,13 @@ def main() -> None:
         narrow = replace(base, width=64, batch=32, depth=NARROW_UNITS)
         half = NARROW_UNITS // 2
         counts = run_group("narrow", {"built-k": replace(narrow, kind="built", units=half),
+                                      "k-of-L-gates": replace(narrow, kind="k-of-L-gates", units=half),
                                       "k-of-L": replace(narrow, kind="k-of-L", units=half)}, args.steps)
-        notes.append(f"narrow-deep, {half} of {NARROW_UNITS} units on: raptr_fx adds "
-                     f"{counts['k-of-L'].per_step - counts['built-k'].per_step:,.0f} instructions per step")
+        gates = counts["k-of-L-gates"].per_step - counts["built-k"].per_step
+        hooks = counts["k-of-L"].per_step - counts["k-of-L-gates"].per_step
+        notes.append(f"narrow-deep, {half} of {NARROW_UNITS} units on: raptr_fx adds {gates + hooks:,.0f} instructions "
+                     f"per step: {gates:,.0f} in the {NARROW_UNITS} gated calls ({gates / NARROW_UNITS:,.0f} per unit; "
+                     f"not attached against built) and {hooks:,.0f} in the optimizer hooks and the controller's step")
         rows += [(f"narrow {half} of {NARROW_UNITS}: raptr_fx host share of the step", share(counts, "k-of-L", "built-k"),
                   0.01),
                  (f"narrow {half} of {NARROW_UNITS}: gated / built with {half} units", ratio(counts, "k-of-L", "built-k"),
