@@ -33,7 +33,8 @@ AVX2 code here (``cpp.simdlen = 256``, ``-march=x86-64-v3``) in both processes: 
 AVX-512, and the caches match only under the same settings.
 
     python benchmarks/instructions.py            # every case, ~30 min on one core
-    python benchmarks/instructions.py --quick    # a tiny model, eager all-on only: a smoke test
+    python benchmarks/instructions.py --quick    # a tiny model, eager all-on only: a smoke test (~3 min:
+                                                 # valgrind and torch's start-up alone take most of it)
 """
 
 from __future__ import annotations
@@ -258,6 +259,8 @@ def main() -> None:
                         help="eager (all-on, k of L, width), narrow (48 units) and/or compiled (all-on, both modes)")
     parser.add_argument("--profile", action="store_true", help="print the functions behind each gap")
     args = parser.parse_args()
+    if args.quick:
+        args.steps = 2
     # valgrind's process runs "python" from PATH: make it this interpreter.
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
     torch.set_num_threads(1)
@@ -272,7 +275,7 @@ def main() -> None:
     if args.quick:
         tiny = Variant("untransformed", width=16, depth=3, batch=2)
         counts = run_group("quick", {"untransformed": tiny, "gates": replace(tiny, kind="gates"),
-                                     "all-on": replace(tiny, kind="all-on")}, steps=2)
+                                     "all-on": replace(tiny, kind="all-on")}, args.steps)
         rows.append(("quick eager all-on / untransformed", ratio(counts, "all-on", "untransformed"), None))
         print_rows(rows)
         return
