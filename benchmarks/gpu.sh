@@ -10,6 +10,7 @@
 #    and the width case (f = 0.5, 0.75 against the ideal line, f = 1 overhead, freezing cost);
 # 3. profile_step.py: torch.profiler summary of one all-on and one half-on compiled step (top kernels,
 #    host time between them), regional then cond gates;
+#    (benchmarks/instructions.py, the instruction counts, is CPU-only: valgrind runs no CUDA, so not here);
 # 4. width-wise RaPTr at width 768 (issue 14): WidthRaPTr and RaPTr x width against full-short, one
 #    seed, the same settings as 1 (GPU_WIDTH_QUALITY=0 skips it).
 set -uo pipefail

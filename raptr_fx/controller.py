@@ -140,6 +140,8 @@ class Controller:
         return kept
 
     def _sample(self, keep_p: list[float]) -> list[bool]:
+        if all(p >= 1.0 for p in keep_p):  # every unit runs (FullModel, a full last stage): both draws keep all
+            return [True] * len(keep_p)
         generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self._step) % (2**63))
         if self.schedule.sampling == "exact":
             fixed = self.schedule.fixed(len(keep_p))

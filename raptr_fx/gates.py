@@ -69,10 +69,13 @@ class GateState:
         self.follow_wrappers: Callable[[], None] = lambda: None
 
     def set(self, keep: list[bool], scale: list[float]) -> None:
+        changed = keep != self.keep or scale != self.scale
         self.keep[:] = keep
         self.scale[:] = scale
         self.all_run = all(keep) and all(s == 1.0 for s in scale)
-        if self.compile_mode == "cond":  # only torch.cond's graphs read the tensors
+        # Only torch.cond's graphs read the tensors; a step that decides as the last one did (every unit
+        # on, step after step) leaves them as they are: two tensors built and copied less per step.
+        if self.compile_mode == "cond" and changed:
             self.keep_tensor.copy_(torch.tensor(keep, dtype=torch.bool))
             self.scale_tensor.copy_(torch.tensor(scale, dtype=torch.float32))
 
