@@ -264,7 +264,10 @@ class Controller:
 
     def _note_updated_units(self, optimizer: torch.optim.Optimizer) -> None:
         """Mark the units whose parameters now have optimizer state (a unit is marked once, so
-        this costs nothing once every unit has run a step)."""
+        this costs nothing once every unit has run a step). An optimizer that keeps no state (SGD
+        without momentum) has none to mark: looking would cost a scan of every unit at every step."""
+        if not optimizer.state or all(self._updated):
+            return
         for i, gate in enumerate(self._gates):
             if not self._updated[i] and any(p in optimizer.state for p in gate.parameters()):
                 self._updated[i] = True
