@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from .cutting import (Cut, CutState, FrozenParts, _is_dtensor, install_cuts, is_cut, remove_cuts,
+from .cutting import (Cut, CutState, FrozenParts, install_cuts, is_cut, is_dtensor, local_part, remove_cuts,
                       tensor_parallel_width_error)
 from .discovery import Block, Discovery, discover, no_blocks_error
 from .errors import RaptrError
@@ -423,13 +423,8 @@ def _trains_nothing(optimizer: torch.optim.Optimizer) -> bool:
         return True
     if optimizer.state or any(float(group.get("lr", 1.0)) != 0.0 for group in optimizer.param_groups):
         return False
-    return not any(_local(g).any() for group in optimizer.param_groups for p in group["params"]
+    return not any(local_part(g).any() for group in optimizer.param_groups for p in group["params"]
                    if (g := p.grad) is not None)
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """The part of a tensor this rank holds (a DTensor's local shard)."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def _state_at_zero_steps(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict[str, Any] | None:
@@ -612,7 +607,7 @@ def _refuse_tensor_parallel_width(model: nn.Module, units: set[str]) -> None:
     """Width cuts select rows and columns of the global weight; a tensor-parallel (DTensor) weight
     holds a shard per rank, which the cut would have to select per rank: not supported."""
     for name, param in model.named_parameters():
-        if any(name.startswith(unit + ".") for unit in units) and _is_dtensor(param):
+        if any(name.startswith(unit + ".") for unit in units) and is_dtensor(param):
             raise RaptrError(tensor_parallel_width_error(name, param))
 
 

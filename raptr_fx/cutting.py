@@ -29,7 +29,7 @@ from .errors import RaptrError
 from .width import Projection, WidthGroup, projection_of
 
 __all__ = ["Cut", "CutState", "install_cuts", "remove_cuts", "is_cut", "FrozenParts", "kept_indices", "trial_cuts",
-           "tensor_parallel_width_error"]
+           "tensor_parallel_width_error", "is_dtensor", "local_part"]
 
 
 class Cut:
@@ -66,7 +66,7 @@ def _cut_forward(module: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) 
     if cut.index is None or not (module.training or cut.always):
         return cut.original(x, *args, **kwargs)
     weight = module.weight
-    if _is_dtensor(weight):  # FSDP2 alone gives the forward plain tensors: this is tensor parallel
+    if is_dtensor(weight):  # FSDP2 alone gives the forward plain tensors: this is tensor parallel
         raise RaptrError(tensor_parallel_width_error(f"{type(module).__name__}.weight", weight))
     if cut.index.device != weight.device:  # moved since the draw (meta-device init, .to()): follow it
         cut.index = kept_indices(cut.kept, cut.width, weight.device)
@@ -228,16 +228,16 @@ class FrozenParts:
         self.saved.clear()
         for param, dim, index in self.slices():
             local_index = _local_index(param, dim, index)
-            states = {key: _local(value).index_select(dim, local_index)
+            states = {key: local_part(value).index_select(dim, local_index)
                       for key, value in _shaped_state(optimizer, param).items()}
-            self.saved.append((param, dim, local_index, _local(param).detach().index_select(dim, local_index), states))
+            self.saved.append((param, dim, local_index, local_part(param).detach().index_select(dim, local_index), states))
 
     def restore(self, optimizer: torch.optim.Optimizer) -> None:
         with torch.no_grad():
             for param, dim, local_index, value, states in self.saved:
-                _write_back(_local(param), dim, local_index, value)
+                _write_back(local_part(param), dim, local_index, value)
                 for key, tensor in _shaped_state(optimizer, param).items():
-                    local_state = _local(tensor)
+                    local_state = local_part(tensor)
                     # State made by this very step (the first one) starts at zero for parts not kept.
                     before = states.get(key)
                     if before is None:
@@ -255,10 +255,10 @@ def _write_back(tensor: torch.Tensor, dim: int, index: torch.Tensor, values: tor
         tensor.index_copy_(dim, index, values)
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
+def local_part(tensor: torch.Tensor) -> torch.Tensor:
     """The tensor this rank holds: a plain tensor is its own; an FSDP2 parameter (or its optimizer
     state) is a DTensor, whose local shard shares storage with it, so writes land in the shard."""
-    return tensor._local_tensor if _is_dtensor(tensor) else tensor
+    return tensor._local_tensor if is_dtensor(tensor) else tensor
 
 
 def _local_index(tensor: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
@@ -267,7 +267,7 @@ def _local_index(tensor: torch.Tensor, dim: int, index: torch.Tensor) -> torch.T
     An FSDP2 DTensor is sharded along dim 0: each rank writes back the rows it holds; a dimension
     it holds whole (a consumer's columns) keeps its global indices.
     """
-    if not _is_dtensor(tensor) or not any(p.is_shard(dim) for p in tensor.placements):
+    if not is_dtensor(tensor) or not any(p.is_shard(dim) for p in tensor.placements):
         return index
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -285,7 +285,7 @@ except ImportError:  # a torch built without distributed support
     _DTensor = None
 
 
-def _is_dtensor(tensor: torch.Tensor) -> bool:
+def is_dtensor(tensor: torch.Tensor) -> bool:
     return _DTensor is not None and isinstance(tensor, _DTensor)
 
 

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .cutting import is_dtensor
 from .discovery import Block
 from .errors import RaptrError, RaptrWarning
 from .skipping import signature_of, skipped_output, stream_output, with_stream_output
@@ -100,7 +101,7 @@ class _ZeroGradients(torch.autograd.Function):
 
 
 def _zeros_spec(param: torch.Tensor) -> tuple:
-    if _is_dtensor(param):  # tensor parallel: FSDP2 alone swaps in plain unsharded tensors for the forward
+    if is_dtensor(param):  # tensor parallel: FSDP2 alone swaps in plain unsharded tensors for the forward
         return (param.shape, param.dtype, param.device, param.device_mesh, tuple(param.placements))
     return (param.shape, param.dtype, param.device, None, None)
 
@@ -113,13 +114,7 @@ def _zeros(spec: tuple) -> torch.Tensor:
     return zeros(shape, dtype=dtype, device_mesh=mesh, placements=placements)
 
 
-def _is_dtensor(tensor: torch.Tensor) -> bool:
-    return _DISTRIBUTED_BUILD and isinstance(tensor, _DTensor)
-
-
 _DISTRIBUTED_BUILD = dist.is_available()  # a property of the torch build: asked once, not per skipped unit
-if _DISTRIBUTED_BUILD:
-    from torch.distributed.tensor import DTensor as _DTensor
 
 
 def _distributed() -> bool:

@@ -12,7 +12,7 @@ Two things follow, both here:
   the names it finds back to the wrapped model's;
 * a unit's decision must be taken before anything wraps it (a graph break inside a checkpoint's
   higher-order op makes dynamo give up on the whole block), so a gate sits on the outermost
-  wrapper in the slot (``outermost``), and moves there if the user wraps a block after ``transform``.
+  wrapper in the slot (``gates.install_gate``), and moves there if the user wraps a block after ``transform``.
 """
 
 from __future__ import annotations
@@ -27,15 +27,6 @@ __all__ = ["WRAPPED_ATTRIBUTES", "wrapper_chain", "is_compiled", "seen_through"]
 # The attribute under which each wrapper keeps the module it wraps: torch.compile's OptimizedModule,
 # torch.distributed's CheckpointWrapper (and OffloadWrapper).
 WRAPPED_ATTRIBUTES = ("_orig_mod", "_checkpoint_wrapped_module")
-
-
-def wrapped_module(module: nn.Module) -> nn.Module | None:
-    """The module ``module`` wraps, or None if it is no wrapper."""
-    for attribute in WRAPPED_ATTRIBUTES:
-        inner = module._modules.get(attribute)
-        if inner is not None:
-            return inner
-    return None
 
 
 def wrapper_chain(module: nn.Module) -> list[tuple[nn.Module, str]]:
