@@ -56,7 +56,6 @@ def test_discovery_sees_through_checkpoint_and_compile_wrappers_and_names_the_sl
 def test_checkpointed_blocks_are_gated_outside_the_checkpoint_and_train_as_gated_blocks():
     """AC before or after transform: the gate sits on the wrapper, a skipped unit never enters the
     checkpoint, and training equals the same run without checkpointing."""
-    plain = GPT(n_layer=4)
     torch.manual_seed(0)
     plain = GPT(n_layer=4)
     expected = train(plain, transform(plain, RaPTr("2-3-4", total_steps=STEPS), seed=3))
