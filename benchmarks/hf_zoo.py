@@ -2,13 +2,9 @@
 
 For each model type with a causal-LM, seq2seq-LM, masked-LM or image-classification head, a tiny
 config is built (2 layers, hidden 32, float32, CPU, dropout off, no cache; see ``tiny_config``)
-and checked:
-
-* units: droppable units found against the config's layer count (fewer or none: the refusal reasons);
-* untouched: ``find_blocks`` leaves every module's ``__dict__``, buffers and hooks as they were;
-* eval: the transformed model in eval mode returns bitwise the untransformed output;
-* grads: in training, every other unit dropped, a backward pass gives dropped units no gradient;
-* remove: ``ctl.remove()`` takes every gate off and the model is as before ``transform``.
+and checked by ``zoo.check_model``: droppable units against the config's layer count (fewer or none:
+the refusal reasons), ``find_blocks`` leaving the model untouched, eval bitwise the plain model,
+no gradient in dropped units, and ``remove()`` restoring everything.
 
 Each model runs in a forked child with a timeout (the parent imports torch and transformers once,
 so a child costs little). A type whose tiny config does not build, or whose plain forward fails,
@@ -27,10 +23,7 @@ import dataclasses
 import inspect
 import json
 import os
-import signal
 import sys
-import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 import transformers  # noqa: E402
 from transformers.models.auto import modeling_auto  # noqa: E402
 
-import raptr_fx  # noqa: E402
+from zoo import check_model, one_line, refusal_detail, summary, sweep, tensors  # noqa: E402
 
 LAYERS = 2
 HIDDEN = 32
@@ -318,185 +311,38 @@ def example_inputs(config: Any, task: str, accepted: set[str] = frozenset({"pixe
     return {"input_ids": ids}
 
 
-def tensors(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict) or hasattr(value, "to_tuple"):
-        value = list(value.values()) if isinstance(value, dict) else list(value.to_tuple())
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in tensors(v)]
-    return []
-
-
-def snapshot(model: torch.nn.Module, values: bool = True) -> dict[str, Any]:
-    """What discovery must not change: each module's __dict__ entries (by identity), buffers, hooks."""
-    state = {}
-    for name, module in model.named_modules():
-        entries = {k: id(v) for k, v in vars(module).items() if not k.startswith("_") or k in (
-            "_forward_hooks", "_forward_pre_hooks", "_backward_hooks")}
-        hooks = {k: list(getattr(module, k).keys()) for k in ("_forward_hooks", "_forward_pre_hooks",
-                                                              "_backward_hooks", "_forward_hooks_with_kwargs")}
-        buffers = {k: (id(v), v.clone() if v is not None and values else None) for k, v in module._buffers.items()}
-        state[name] = (entries, hooks, buffers)
-    return state
-
-
-def same(before: dict[str, Any], after: dict[str, Any]) -> str | None:
-    """None when the snapshots agree, else the first difference."""
-    if before.keys() != after.keys():
-        return f"modules {sorted(set(before) ^ set(after))[:3]}"
-    for name, (entries, hooks, buffers) in before.items():
-        entries2, hooks2, buffers2 = after[name]
-        if entries != entries2:
-            keys = sorted(k for k in entries.keys() | entries2.keys() if entries.get(k) != entries2.get(k))
-            return f"{name or 'model'}.{keys[0]} changed"
-        if hooks != hooks2:
-            return f"{name or 'model'} hooks changed"
-        for key, (ident, value) in buffers.items():
-            ident2, value2 = buffers2.get(key, (None, None))
-            if ident != ident2 or (value is not None and not torch.equal(value, value2)):
-                return f"{name or 'model'} buffer {key} changed"
-    return None
-
-
 def check(model_type: str, task: str, class_name: str, build_only: bool = False) -> dict[str, Any]:
     result: dict[str, Any] = {"type": model_type, "task": task, "class": class_name}
     try:
         config, model, inputs, reference = build(getattr(transformers, class_name), task)
     except Exception as exc:
-        return {**result, "status": "unbuildable", "detail": _one_line(exc)}
+        return {**result, "status": "unbuildable", "detail": one_line(exc)}
     result["layers"] = layers = layer_count(config, task)
     result["config"] = "tiny" if config.__dict__.get("_zoo_widths", True) else "depth only"
     if not reference:
         return {**result, "status": "unbuildable", "detail": "the plain forward returns no tensor"}
     if build_only:
         return {**result, "status": "built"}
-    stage = "find_blocks"
-    try:
-        before = snapshot(model)
-        blocks = raptr_fx.find_blocks(model, inputs)
-        result["units"] = sum(b.droppable for b in blocks)
-        result["refused"] = [f"{b.name}: {b.reason}" for b in blocks if not b.droppable]
-        changed = same(before, snapshot(model))
-        if changed:
-            return {**result, "status": "changed", "detail": f"find_blocks left the model changed: {changed}"}
-        stage = "transform"
-        ctl = raptr_fx.transform(model, raptr_fx.FullModel(), example_inputs=inputs)
-        stage = "eval"
-        with torch.no_grad():
-            out = tensors(model(**inputs))
-        if len(out) != len(reference) or not all(torch.equal(a, b) for a, b in zip(out, reference)):
-            return {**result, "status": "eval differs", "detail": "eval output not bitwise the plain model's"}
-        stage = "grads"
-        keep = [i % 2 == 1 for i in range(len(ctl.blocks))] if len(ctl.blocks) > 1 else [False]
-        ctl._state.set(keep, [1.0] * len(keep))
-        saved_buffers = {k: v.clone() for k, v in model.named_buffers()}
-        model.train()
-        loss = sum(t.float().pow(2).mean() for t in tensors(model(**inputs)) if t.is_floating_point())
-        loss.backward()
-        modules = dict(model.named_modules())
-        for block, kept in zip(ctl.blocks, keep):
-            graded = [n for n, p in modules[block.name].named_parameters() if p.grad is not None]
-            if not kept and graded:
-                return {**result, "status": "grads", "detail": f"dropped {block.name} got gradients ({graded[0]})"}
-        stage = "remove"
-        with torch.no_grad():  # training updated running statistics; remove() is checked without them
-            for key, buffer in model.named_buffers():
-                buffer.copy_(saved_buffers[key])
-        model.zero_grad(set_to_none=True)
-        model.eval()
-        ctl.remove()
-        # The training pass may update the model's own caches (recurrent states): remove() is
-        # checked on what raptr_fx put there, the forwards and hooks.
-        after = snapshot(model, values=False)
-        for name, (entries, hooks, _) in before.items():
-            if entries.get("forward") != after[name][0].get("forward") or hooks != after[name][1]:
-                return {**result, "status": "remove", "detail": f"after remove(): {name or 'model'} forward/hooks"}
-        with torch.no_grad():
-            out = tensors(model(**inputs))
-        if not all(torch.equal(a, b) for a, b in zip(out, reference)):
-            return {**result, "status": "remove", "detail": "output after remove() differs"}
-    except raptr_fx.RaptrError as exc:
-        return {**result, "status": "refused" if stage == "transform" else f"{stage} error",
-                "detail": _one_line(exc)}
-    except Exception as exc:
-        return {**result, "status": f"{stage} crash", "detail": _one_line(exc),
-                "where": traceback.format_exc().strip().splitlines()[-3:]}
-    return {**result, "status": "ok" if result["units"] >= layers else "fewer units"}
+    result.update(check_model(model, inputs, lambda m: m(**inputs), reference))
+    if result["status"] == "checked":
+        result["status"] = "ok" if result["units"] >= layers else "fewer units"
+    return result
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:300] if text else ''}"
+def case(arch: tuple[str, str, str], build_only: bool = False) -> tuple[dict[str, Any], Any]:
+    def run() -> dict[str, Any]:
+        transformers.logging.set_verbosity_error()
+        return check(*arch, build_only=build_only)
 
-
-# --- one child per model ---------------------------------------------------------------------------
-def run_in_child(arch: tuple[str, str, str], timeout: float, build_only: bool = False) -> dict[str, Any]:
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: run one model, write its result, exit without cleanup
-        os.close(read)
-        try:
-            transformers.logging.set_verbosity_error()
-            payload = json.dumps(check(*arch, build_only=build_only), default=str).encode()
-        except BaseException as exc:  # noqa: BLE001 - report anything, never hang the parent
-            payload = json.dumps({"type": arch[0], "task": arch[1], "class": arch[2], "status": "crash",
-                                  "detail": _one_line(exc)}).encode()
-        with os.fdopen(write, "wb") as pipe:
-            pipe.write(payload)
-        os._exit(0)
-    os.close(write)
-    deadline = time.monotonic() + timeout
-    chunks = []
-    os.set_blocking(read, False)
-    while True:
-        try:
-            chunk = os.read(read, 1 << 16)
-            if not chunk:
-                break
-            chunks.append(chunk)
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                os.close(read)
-                return {"type": arch[0], "task": arch[1], "class": arch[2], "status": "timeout",
-                        "detail": f"over {timeout:.0f} s"}
-            time.sleep(0.05)
-    os.close(read)
-    _, status = os.waitpid(pid, 0)
-    if not chunks:
-        return {"type": arch[0], "task": arch[1], "class": arch[2], "status": "crash",
-                "detail": f"child died (wait status {status})"}
-    return json.loads(b"".join(chunks))
+    return {"type": arch[0], "task": arch[1], "class": arch[2]}, run
 
 
 def table(results: list[dict[str, Any]]) -> str:
     lines = ["| model type | class | layers | units | status | detail |", "|---|---|---|---|---|---|"]
     for r in results:
-        detail = r.get("detail") or ""
-        if r["status"] == "fewer units" or (r["status"] == "refused" and r.get("refused")):
-            detail = "; ".join(r["refused"][:2]) + (f"; +{len(r['refused']) - 2} more" if len(r["refused"]) > 2 else "")
-            if not r["refused"]:
-                detail = "nothing refused: the other layers have no residual add, or a unit holds several of the config's layers"
-        detail = detail.replace("|", "/").replace("\n", " ")[:240]
         lines.append(f"| {r['type']} | {r['class']} | {r.get('layers', '')} | {r.get('units', '')} | "
-                     f"{r['status']} | {detail} |")
+                     f"{r['status']} | {refusal_detail(r)} |")
     return "\n".join(lines)
-
-
-def summary(results: list[dict[str, Any]]) -> str:
-    built = [r for r in results if r["status"] != "unbuildable"]
-    if all(r["status"] in ("built", "unbuildable") for r in results):  # --build-only
-        return f"{len(built)} of {len(results)} model types build from a tiny config"
-    ok = sum(r["status"] == "ok" for r in built)
-    fewer = sum(r["status"] == "fewer units" for r in built)
-    refused = sum(r["status"] == "refused" for r in built)
-    failed = len(built) - ok - fewer - refused
-    share = (ok + fewer) / len(built) if built else 0.0
-    return (f"{ok} of {len(built)} fully right, {fewer} with fewer units than layers (reasons given), "
-            f"{refused} refused with a reason, {failed} failed; {share:.1%} transform and pass every check "
-            f"({len(results) - len(built)} unbuildable of {len(results)} model types)")
 
 
 def main() -> None:
@@ -518,7 +364,7 @@ def main() -> None:
                 result = json.loads(line)
                 by_type[result["type"]] = result
         results = [by_type[k] for k in sorted(by_type)]
-        print(f"{table(results)}\n\n{summary(results)}")
+        print(f"{table(results)}\n\n{summary(results, 'model types')}")
         return
     torch.set_num_threads(1)
     archs = architectures()
@@ -528,19 +374,8 @@ def main() -> None:
         if unknown:
             raise SystemExit(f"unknown model type(s) {sorted(unknown)}")
         archs = [a for a in archs if a[0] in wanted]
-    results = []
-    for arch in archs:
-        start = time.monotonic()
-        result = run_in_child(arch, args.timeout, args.build_only)
-        result["seconds"] = round(time.monotonic() - start, 1)
-        results.append(result)
-        print(f"{result['type']:32s} {result['status']:14s} {result.get('units', '')!s:>3}/"
-              f"{result.get('layers', '')!s:<3} {result['seconds']:6.1f}s  {(result.get('detail') or '')[:110]}",
-              flush=True)
-        if args.json:
-            with open(args.json, "a") as f:
-                f.write(json.dumps(result, default=str) + "\n")
-    text = f"{table(results)}\n\n{summary(results)}\n"
+    results = sweep([case(arch, args.build_only) for arch in archs], args.timeout, args.json)
+    text = f"{table(results)}\n\n{summary(results, 'model types')}\n"
     print("\n" + text)
     if args.out:
         Path(args.out).write_text(text)

@@ -8,7 +8,8 @@ are what a gate uses at run time to build a skipped unit's output.
 The rule for units that return more than the stream (a tuple, list or dict,
 like Hugging Face's ``T5Block``): the unit is droppable when exactly one element
 is the stream and every other element is one of the unit's own inputs returned
-unchanged, a constant (a Python number, string or bool), None, or a computed
+unchanged (a tuple of numbers recomputed equal to one counts: a shape the unit
+keeps), a constant (a Python number, string or bool), None, or a computed
 value that nothing in the traced forward reads (attention weights nobody asked
 for). Skipped, it returns the same structure with the stream input in the
 stream's place, the pass-through values in theirs and None for unread ones.
@@ -73,6 +74,10 @@ def _classify_leaf(key: int | str, value: Any, arguments: list[tuple[int | str, 
     if value is None or isinstance(value, _CONSTANT_TYPES):
         return Leaf(key, "constant", value=value)
     source = next((k for k, arg in arguments if arg is value), None)
+    if source is None and _plain_values(value):
+        # Recomputed, yet equal to an argument (MViT's ``thw`` from a shape a stride-1 layer keeps):
+        # the call shows it passes through, so a skip returns that argument.
+        source = next((k for k, arg in arguments if type(arg) is type(value) and arg == value), None)
     if source is not None:
         return Leaf(key, "input", source=source)
     if is_tensor(value):
@@ -80,6 +85,11 @@ def _classify_leaf(key: int | str, value: Any, arguments: list[tuple[int | str, 
         shape = None if node is not None else tuple(value.shape)
         return Leaf(key, "tensor", node=node, shape=shape)
     return Leaf(key, "other", value=type(value).__name__)
+
+
+def _plain_values(value: Any) -> bool:
+    """A non-empty tuple or list of Python numbers, strings or bools (a shape, a grid size)."""
+    return type(value) in (tuple, list) and bool(value) and all(type(v) in _CONSTANT_TYPES for v in value)
 
 
 # -- the verdict -------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from raptr_fx import FullModel, transform
+from raptr_fx import FullModel, find_blocks, transform
+from tests.fixtures import patterns
 from tests.fixtures.models import TupleStack, features
 
 
@@ -67,3 +68,38 @@ def test_compiled_tuple_units_match_eager(compile_mode):
     for keep in ([True] * 4, [False, True, True, False], [True, False, False, True]):
         ctl._state.set(keep, [1.0] * 4)
         torch.testing.assert_close(compiled(*features()), model(*features()), rtol=0, atol=0)
+
+
+def test_an_element_recomputed_equal_to_its_input_is_passed_through():
+    # Issue 21, item 5: (x, thw) with thw recomputed from a shape a stride-1 layer keeps; the probe
+    # sees it equal to the thw passed in, so a skipped layer returns that input.
+    torch.manual_seed(0)
+    model = patterns.ShapeTupleStack()
+    reference = copy.deepcopy(model)
+    ctl = transform(model, FullModel(), example_inputs=features())
+    assert [b.name for b in ctl.blocks] == ["layers.0", "layers.1", "layers.2"]
+    assert [s.role for s in ctl.blocks[0].output_slots] == ["stream", "input"]
+    model.train()
+    ctl._state.set([True, False, True], [1.0] * 3)
+    out = model(*features())
+    x = features()[0]
+    thw = (x.shape[1], 1)
+    for i in (0, 2):
+        x, thw = reference.layers[i](x, thw)
+    assert torch.equal(out, x * thw[1])
+
+
+def test_an_element_recomputed_unequal_to_its_input_is_still_refused():
+    class Halving(patterns.ShapeTupleLayer):
+        def forward(self, x, thw):
+            x = x + self.mlp(x)
+            return x, (thw[0], thw[1] + 1)
+
+    class Stack(patterns.ShapeTupleStack):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([Halving() for _ in range(2)])
+
+    blocks = find_blocks(Stack(), features())
+    assert not blocks[0].droppable
+    assert "output[1]" in blocks[0].reason
