@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 import transformers  # noqa: E402
 from transformers.models.auto import modeling_auto  # noqa: E402
 
-from zoo import check_model, one_line, refusal_detail, summary, sweep, tensors  # noqa: E402
+from zoo import add_sweep_arguments, check_model, one_line, summary, sweep, table, tensors  # noqa: E402
 
 LAYERS = 2
 HIDDEN = 32
@@ -53,6 +53,7 @@ MAX_DEPTH_ONLY_PARAMS = 40_000_000  # a fallback config keeping its widths must 
 SAMPLE = ["llama", "gpt2", "mixtral", "qwen2_moe", "olmoe", "deepseek_v3", "bloom", "gpt_neo", "mpt",
           "roformer", "t5", "switch_transformers", "longt5", "bart", "bert", "roberta", "vit", "resnet",
           "convnext", "mistral", "falcon", "phi"]
+COLUMNS = {"type": "model type", "class": "class"}  # the table's first columns: result key -> heading
 
 # Heads in order of preference: one model class per model type.
 TASKS = [("causal", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"), ("seq2seq", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES"),
@@ -337,21 +338,9 @@ def case(arch: tuple[str, str, str], build_only: bool = False) -> tuple[dict[str
     return {"type": arch[0], "task": arch[1], "class": arch[2]}, run
 
 
-def table(results: list[dict[str, Any]]) -> str:
-    lines = ["| model type | class | layers | units | status | detail |", "|---|---|---|---|---|---|"]
-    for r in results:
-        lines.append(f"| {r['type']} | {r['class']} | {r.get('layers', '')} | {r.get('units', '')} | "
-                     f"{r['status']} | {refusal_detail(r)} |")
-    return "\n".join(lines)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", help="comma-separated model types (e.g. bloom,t5)")
-    parser.add_argument("--sample", action="store_true", help=f"the fixed CI sample ({len(SAMPLE)} types)")
-    parser.add_argument("--timeout", type=float, default=240.0, help="seconds per model (default 240)")
-    parser.add_argument("--out", help="write the table and summary (markdown) to this file")
-    parser.add_argument("--json", help="write the raw results (JSON lines) to this file")
+    add_sweep_arguments(parser, "bloom,t5", len(SAMPLE), 240.0)
     parser.add_argument("--from-json", help="print the table from saved --json results; a later line for a "
                         "model type replaces an earlier one (rerun the failures with --only and append)")
     parser.add_argument("--build-only", action="store_true",
@@ -364,7 +353,7 @@ def main() -> None:
                 result = json.loads(line)
                 by_type[result["type"]] = result
         results = [by_type[k] for k in sorted(by_type)]
-        print(f"{table(results)}\n\n{summary(results, 'model types')}")
+        print(f"{table(results, COLUMNS)}\n\n{summary(results, 'model types')}")
         return
     torch.set_num_threads(1)
     archs = architectures()
@@ -375,7 +364,7 @@ def main() -> None:
             raise SystemExit(f"unknown model type(s) {sorted(unknown)}")
         archs = [a for a in archs if a[0] in wanted]
     results = sweep([case(arch, args.build_only) for arch in archs], args.timeout, args.json)
-    text = f"{table(results)}\n\n{summary(results, 'model types')}\n"
+    text = f"{table(results, COLUMNS)}\n\n{summary(results, 'model types')}\n"
     print("\n" + text)
     if args.out:
         Path(args.out).write_text(text)

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torchvision  # noqa: E402
 from torchvision import models  # noqa: E402
-from zoo import check_model, one_line, refusal_detail, summary, sweep, tensors  # noqa: E402
+from zoo import add_sweep_arguments, check_model, one_line, summary, sweep, table, tensors  # noqa: E402
 
 FAMILIES = {"classification": models, "video": models.video, "segmentation": models.segmentation}
 SAMPLE = ["resnet18", "mobilenet_v2", "efficientnet_b0", "convnext_tiny", "vit_b_16", "swin_t", "r3d_18",
@@ -47,6 +47,7 @@ INPUT_SIZES = {"maxvit_t": 224, "mvit_v1_b": 224, "mvit_v2_s": 224, "inception_v
 FRAMES = {"mvit_v1_b": 16, "mvit_v2_s": 16, "s3d": 8}
 BUILD_OPTIONS = {"vit": {"image_size": IMAGE}, "inception_v3": {"aux_logits": False, "init_weights": False},
                  "googlenet": {"aux_logits": False, "init_weights": False}}
+COLUMNS = {"model": "model", "family": "family"}  # the table's first columns: result key -> heading
 
 
 def expected_units(model: nn.Module) -> list[str]:
@@ -111,21 +112,9 @@ def check(name: str, family: str) -> dict[str, Any]:
     return result
 
 
-def table(results: list[dict[str, Any]]) -> str:
-    lines = ["| model | family | residual blocks | units | status | detail |", "|---|---|---|---|---|---|"]
-    for r in results:
-        lines.append(f"| {r['model']} | {r['family']} | {r.get('layers', '')} | {r.get('units', '')} | "
-                     f"{r['status']} | {refusal_detail(r)} |")
-    return "\n".join(lines)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", help="comma-separated model names (e.g. resnet18,vit_b_16)")
-    parser.add_argument("--sample", action="store_true", help=f"a fixed sample ({len(SAMPLE)} models)")
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per model (default 600)")
-    parser.add_argument("--out", help="write the table and summary (markdown) to this file")
-    parser.add_argument("--json", help="append the raw results (JSON lines) to this file")
+    add_sweep_arguments(parser, "resnet18,vit_b_16", len(SAMPLE), 600.0)
     args = parser.parse_args()
     torch.set_num_threads(1)
     names = [(name, family) for family, module in FAMILIES.items()
@@ -139,7 +128,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}: {len(names)} models", flush=True)
     cases = [({"model": name, "family": family}, functools.partial(check, name, family)) for name, family in names]
     results = sweep(cases, args.timeout, args.json)
-    text = f"{table(results)}\n\n{summary(results, 'models')}\n"
+    text = f"{table(results, COLUMNS)}\n\n{summary(results, 'models')}\n"
     print("\n" + text)
     if args.out:
         Path(args.out).write_text(text)

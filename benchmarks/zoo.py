@@ -14,6 +14,7 @@ costs one row, not the sweep.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -168,6 +169,26 @@ def run_in_child(check: Callable[[], dict[str, Any]], row: dict[str, Any], timeo
     if not chunks:
         return {**row, "status": "crash", "detail": f"child died (wait status {status})"}
     return json.loads(b"".join(chunks))
+
+
+def add_sweep_arguments(parser: argparse.ArgumentParser, example: str, sample: int, timeout: float) -> None:
+    """The options every sweep takes."""
+    parser.add_argument("--only", help=f"comma-separated names (e.g. {example})")
+    parser.add_argument("--sample", action="store_true", help=f"the fixed CI sample ({sample} models)")
+    parser.add_argument("--timeout", type=float, default=timeout, help=f"seconds per model (default {timeout:.0f})")
+    parser.add_argument("--out", help="write the table and summary (markdown) to this file")
+    parser.add_argument("--json", help="append the raw results (JSON lines) to this file")
+
+
+def table(results: list[dict[str, Any]], columns: dict[str, str]) -> str:
+    """Markdown: ``columns`` (result key -> heading), then layers, units, status and detail."""
+    headings = [*columns.values(), "layers", "units", "status", "detail"]
+    lines = ["| " + " | ".join(headings) + " |", "|" + "---|" * len(headings)]
+    for r in results:
+        cells = [*(str(r.get(key, "")) for key in columns), str(r.get("layers", "")), str(r.get("units", "")),
+                 r["status"], refusal_detail(r)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def sweep(cases: list[tuple[dict[str, Any], Callable[[], dict[str, Any]]]], timeout: float,
