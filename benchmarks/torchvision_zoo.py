@@ -43,9 +43,10 @@ SAMPLE = ["resnet18", "mobilenet_v2", "efficientnet_b0", "convnext_tiny", "vit_b
           "lraspp_mobilenet_v3_large"]
 IMAGE = 64
 # Models whose input size is fixed by their construction (positional tables, partition windows).
-INPUT_SIZES = {"maxvit_t": 224, "mvit_v1_b": 224, "mvit_v2_s": 224, "inception_v3": 96, "googlenet": 64}
-FRAMES = {"mvit_v1_b": 16, "mvit_v2_s": 16, "s3d": 8}
-BUILD_OPTIONS = {"vit": {"image_size": IMAGE}, "inception_v3": {"aux_logits": False, "init_weights": False},
+INPUT_SIZES = {"maxvit_t": 224, "mvit_v1_b": 224, "mvit_v2_s": 224, "inception_v3": 96, "s3d": 224, "vit_h_14": 56}
+FRAMES = {"mvit_v1_b": 16, "mvit_v2_s": 16, "s3d": 16}
+BUILD_OPTIONS = {"vit_h_14": {"image_size": 56}, "vit": {"image_size": IMAGE},
+                 "inception_v3": {"aux_logits": False, "init_weights": False},
                  "googlenet": {"aux_logits": False, "init_weights": False}}
 COLUMNS = {"model": "model", "family": "family"}  # the table's first columns: result key -> heading
 
