@@ -54,23 +54,32 @@ COLUMNS = {"model": "model", "family": "family"}  # the table's first columns: r
 def expected_units(model: nn.Module) -> list[str]:
     """The residual blocks with an identity shortcut, by torchvision's own block classes."""
     found = []
+    maxvit_layers: list[str] = []
     for name, module in model.named_modules():
         kind = type(module).__name__
+        if any(name.startswith(layer + ".") for layer in maxvit_layers):
+            continue
+        if kind == "MaxVitLayer":
+            # MBConv, window and grid attention in one nn.Sequential: that is the layer (the paper's
+            # MaxViT block) when the MBConv keeps the stream, else its two attention layers are the units.
+            maxvit_layers.append(name)
+            mbconv = module.layers.MBconv
+            if isinstance(mbconv.proj, nn.Identity):
+                found.append(f"{name}.layers")
+            else:
+                found += [f"{name}.layers.window_attention", f"{name}.layers.grid_attention"]
+            continue
         if kind in ("BasicBlock", "Bottleneck"):
             identity = module.downsample is None
         elif kind in ("MBConv", "FusedMBConv", "InvertedResidual"):
-            # efficientnet and mobilenet: use_res_connect; maxvit's MBConv: an Identity ``proj``
-            identity = getattr(module, "use_res_connect", None)
-            if identity is None:
-                identity = isinstance(getattr(module, "proj", None), nn.Identity)
+            identity = module.use_res_connect
         elif kind == "_InvertedResidual":  # MNASNet
             identity = module.apply_residual
         elif kind == "ResBottleneckBlock":  # RegNet
             identity = module.proj is None
         elif kind == "MultiscaleBlock":  # MViT: pooled or projected shortcuts are no identity
             identity = module.pool_skip is None and module.project is None
-        elif kind in ("CNBlock", "EncoderBlock", "SwinTransformerBlock", "SwinTransformerBlockV2",
-                      "PartitionAttentionLayer"):
+        elif kind in ("CNBlock", "EncoderBlock", "SwinTransformerBlock", "SwinTransformerBlockV2"):
             identity = True
         else:
             continue
