@@ -34,6 +34,8 @@ def discovery_table(discovery: Discovery, console: Console) -> None:
     for block in discovery.blocks:
         if not block.droppable:
             console.print(f"[red]x[/red] {block.name} cannot be dropped: {block.reason}")
+        elif block.owned:
+            console.print(f"{block.name} also owns {_owned(block)}: skipped and frozen with it")
     totals = summary(discovery)
     console.print(
         f"Units: {totals['droppable_units']} droppable of {totals['units']} found "
@@ -45,6 +47,13 @@ def discovery_table(discovery: Discovery, console: Console) -> None:
         f"Tracer: {totals['tracer']}"
         + (f"; probe: {_PROBES[totals['probe']]}" if totals["probe"] else "")
     )
+
+
+def _owned(block) -> str:
+    """What a unit owns outside it: its modules (before or after it), then loose parameters (a layer scale)."""
+    modules = [f"{m} (before it)" for m in block.owned_before] + [f"{m} (after it)" for m in block.owned_after]
+    loose = [p for p in block.owned if not any(p.startswith(m + ".") for m in block.owned_before + block.owned_after)]
+    return ", ".join(modules + loose)
 
 
 def width_table(model_type: str, groups: Sequence[WidthGroup], console: Console) -> None:

@@ -27,8 +27,8 @@ from torch import fx, nn
 
 from .errors import RaptrError
 from .probe import Call, Probe, probe
-from .residuals import Residual, dataflow_graph, find_residuals
-from .skipping import ObservedOutput, OutputSlot, UnitFacts, judge, shared_reason
+from .residuals import Residual, _op_name, dataflow_graph, find_residuals
+from .skipping import ObservedOutput, OutputSlot, Owned, UnitFacts, judge, shared_reason
 from .tracing import ExampleInputs, TracedModel, normalize_example_inputs, trace
 from .untouched import class_forward, direct_calls, untouched
 from .wrappers import seen_through
@@ -37,6 +37,16 @@ __all__ = ["Block", "Discovery", "discover", "find_blocks"]
 
 Granularity = Literal["layer", "branch"]
 DropRule = Literal["identity", "zero"]
+
+# Modules an owned module may be without example inputs to check its shapes: they keep their input's.
+_SHAPE_KEEPING = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.modules.batchnorm._NormBase)
+# What may run on a skipped branch's zeros after the unit, keeping them zeros: a layer scale
+# (``gamma * f(x)``), reshapes and casts, dropout, activations with f(0) = 0.
+_ZERO_KEEPING = {"mul", "mul_", "rmul", "neg", "getitem", "to", "_to_copy", "alias", "clone", "contiguous", "detach", "type",
+                 "float", "half", "bfloat16", "view", "reshape", "_unsafe_view", "flatten", "unflatten", "permute",
+                 "transpose", "t", "unsqueeze", "squeeze", "expand", "dropout", "native_dropout", "relu", "gelu",
+                 "silu", "tanh"}
+_ZERO_KEEPING_MODULES = (nn.Identity, nn.modules.dropout._DropoutNd, nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh)
 
 
 @dataclass(frozen=True)
@@ -63,6 +73,11 @@ class Block:
     # output_slots describe (the stream, an input passed through, a constant), so a gate can rebuild it.
     output_container: str = "tensor"
     output_slots: tuple[OutputSlot, ...] = ()
+    # Weights outside the unit that only its branch uses (a parent's norm or layer scale): counted in
+    # params and flops_share, frozen with the unit; the modules holding them are skipped with it.
+    owned: tuple[str, ...] = ()  # qualified parameter names
+    owned_before: tuple[str, ...] = ()  # modules only the unit reads: skipped, they return zeros
+    owned_after: tuple[str, ...] = ()  # zero units: modules on the branch after it: skipped, they return zeros
 
 
 @dataclass
@@ -139,7 +154,9 @@ def discover(
         residuals = find_residuals(traced, graph)
         links = find_residuals(traced, graph, parameter_free=True)
         blocks = _Grouping(model, traced, graph, residuals, measured, links).blocks(granularity)
-    blocks = [replace(b, name=real_name(b.name)) for b in blocks]
+    blocks = [replace(b, name=real_name(b.name), owned=tuple(map(real_name, b.owned)),
+                      owned_before=tuple(map(real_name, b.owned_before)),
+                      owned_after=tuple(map(real_name, b.owned_after))) for b in blocks]
     return Discovery(
         model_type=type(model).__name__,
         blocks=blocks,
@@ -183,6 +200,8 @@ class _Grouping:
         self.order = {n: i for i, n in enumerate(traced.graph.nodes)}
         self.regions: dict[str, set[fx.Node]] = {}
         self.late_starts: dict[str, str | None] = {}  # module -> why it is no layer, see late_start
+        self._fed: set[fx.Node] | None = None  # see fed()
+        self._readers: dict[str, list[fx.Node]] | None = None  # see readers()
         for node, scope in traced.scopes.items():
             for name in scope:
                 self.regions.setdefault(name, set()).add(node)
@@ -270,23 +289,31 @@ class _Grouping:
 
     # -- zero units --------------------------------------------------------------------
     def branch_module(self, residual: Residual) -> str | None:
-        """The module whose output is the residual branch, looking through dropout and layer scale."""
+        """The module whose output is the residual branch, looking through dropout and layer scale.
+
+        On a chain of modules that only the branch reads (a parent's norm before it or after it), the
+        one holding most of the weights (more than twice the others'): the unit owns the rest (see
+        ``ownership``)."""
         scope = self.traced.scopes[residual.add]
         depth = len(scope)
         node = residual.branch
+        found, weights = None, 0
         while True:
             node_scope = self.traced.scopes[node]
             if len(node_scope) > depth and node_scope[:depth] == scope:
                 name = node_scope[depth]
                 if self.outputs(name) != [node]:
-                    return None
+                    return found
                 if any(p.startswith(name + ".") for p in residual.params):
-                    return name
+                    size = sum(p.numel() for p in self.modules[name].parameters())
+                    if found is None or size > 2 * weights:
+                        found, weights = name, size
                 inputs = [n for n in self.inputs(name) if n in residual.branch_nodes]
             else:
                 inputs = [n for n in node.all_input_nodes if n in residual.branch_nodes]
-            if len(inputs) != 1:
-                return None
+            if len(inputs) != 1 or found is not None and any(
+                    u not in residual.branch_nodes for u in self.graph.successors(inputs[0])):
+                return found
             node = inputs[0]
 
     # -- assembly ----------------------------------------------------------------------
@@ -329,10 +356,15 @@ class _Grouping:
         if name not in self.regions:  # only a later call (``name@1``) of a shared module holds the adds
             calls = max(self.traced.call_counts.get(name, 2), 2)
             return Block(name, index, drop, type(module).__name__, params, flops, False, shared_reason(calls))
-        verdict = judge(self.facts(name, module, drop, residuals))
+        facts = self.facts(name, module, drop, residuals)
+        verdict = judge(facts)
+        owned = facts.owned if not facts.owned.refused else Owned()
+        params += sum(self.model.get_parameter(p).numel() for p in owned.params)
+        if flops is not None:
+            flops += sum(self.measured.flops.get(m, 0) for m in owned.before + owned.after) / self.measured.total_flops
         return Block(name, index, drop, type(module).__name__, params, flops, verdict.reason is None,
                      verdict.reason, verdict.stream_position, verdict.stream_name,
-                     verdict.output_container, verdict.output_slots)
+                     verdict.output_container, verdict.output_slots, owned.params, owned.before, owned.after)
 
     def zero_fix(self, residual: Residual) -> str:
         """What to do about a refused zero unit: at layer granularity, the modules around its add
@@ -378,8 +410,7 @@ class _Grouping:
             projection=self.projection(residuals),
             shortcut_scale=next((r.shortcut_scale for r in residuals if r.shortcut_scale is not None), None),
             zero_fix=self.zero_fix(residuals[0]) if drop == "zero" else "",
-            weights_after=self.weights_after(name, residuals) if drop == "zero" else [],
-            weights_before=self.weights_before(name, drop, residuals, output),
+            owned=self.ownership(name, drop, residuals, output),
             output=output,
             computed_from=self.computed_from(name, output),
             unread=self.unread_outputs(name, output),
@@ -458,28 +489,53 @@ class _Grouping:
             return None
         return sorted({s for n in residual.shortcut for s in self.traced.scopes[n][-1:]})
 
-    def weights_after(self, name: str, residuals: list[Residual]) -> list[str]:
-        """Parameters outside a zero unit on its branch after it (a parent's layer scale ``gamma``,
-        a norm of its output): skipped, the unit returns zeros and these would still run on them."""
-        region = self.regions[name]
-        found = set()
-        for residual in residuals:
-            for node in residual.branch_nodes - region:
-                if any(a in region for a in nx.ancestors(self.graph, node)):
-                    found |= {p for p in self.traced.param_uses.get(node, ()) if not p.startswith(name + ".")}
-        return sorted(found)
+    # -- what a unit owns outside its module -----------------------------------------------
+    def ownership(self, name: str, drop: DropRule, residuals: list[Residual],
+                  output: ObservedOutput | None) -> Owned:
+        """The weights outside unit ``name`` that only its branch uses, and the modules holding them.
 
-    def weights_before(self, name: str, drop: DropRule, residuals: list[Residual],
-                       output: ObservedOutput | None) -> list[str]:
-        """Parameters outside the unit whose results only the unit consumes (a parent's norm feeding
-        a branch, a weight standardized for it): skipped, they would still run for nothing, and
-        freezing the dropped unit would not freeze them."""
+        Before the unit: what only the unit consumes (a parent's norm feeding a branch, a weight
+        standardized for it). After it, zero units only: what the branch runs on the unit's result
+        before the add (a parent's layer scale ``gamma``, a post-norm of its output).
+        """
         region = self.regions[name]
-        kept = self.kept_when_skipped(name, drop, residuals, output)
+        before = self.only_for(region, self.inputs_of(region), self.kept_when_skipped(name, drop, residuals, output))
+        after = self.branch_after(name, residuals) if drop == "zero" else set()
+        params = sorted(self.outside_params(name, before | after))
+        if not params:
+            return Owned()
+        fed = self.fed()
+        mine = region | before | after
+        mine |= self.only_for(mine, self.inputs_of(after) - mine, fed)  # ``gamma.view(...)``: weights only
+        readers = self.readers()
+        shared = tuple(p for p in params if any(n not in mine for n in readers[p]))
+        if shared:
+            return Owned(shared=shared)
+        before_modules = self.owned_modules(name, before)
+        after_modules = self.owned_modules(name, after)
+        loose = tuple(sorted({p for n in before if n in fed for p in self.outside_params(name, {n})
+                              if not any(p.startswith(m + ".") for m in before_modules)}))
+        reshaping = tuple((m, change) for m in before_modules + after_modules
+                          if (change := self.reshaping(m)) is not None)
+        not_zero: tuple[str, ...] = ()
+        if after and self.outside_params(name, after):
+            in_module = lambda n: any(s in after_modules for s in self.traced.scopes[n])  # noqa: E731
+            not_zero = tuple(self.op_label(n) for n in sorted(after, key=self.order.__getitem__)
+                             if not in_module(n) and not self.keeps_zeros(n, region | after))
+        return Owned(tuple(params), tuple(before_modules), tuple(after_modules),
+                     loose=loose, reshaping=reshaping, not_zero=not_zero)
+
+    def inputs_of(self, nodes: set[fx.Node]) -> set[fx.Node]:
+        return {p for n in nodes for p in self.graph.predecessors(n) if p not in nodes}
+
+    def only_for(self, consumers: set[fx.Node], start: set[fx.Node], kept: set[fx.Node] | None) -> set[fx.Node]:
+        """The nodes, from ``start`` back, that run only for ``consumers``: each of their users is one
+        of them or another such node. ``kept`` nodes (and the model's inputs) are never among them;
+        None: nothing is (they cannot be told apart)."""
         if kept is None:
-            return []
+            return set()
         dead: set[fx.Node] = set()
-        pending = {p for n in region for p in self.graph.predecessors(n) if p not in region}
+        pending = set(start)
         seen = set(pending)
         while pending:  # latest first: a node's users are decided before the node
             node = max(pending, key=self.order.__getitem__)
@@ -487,13 +543,79 @@ class _Grouping:
             if node in kept or node.op == "placeholder" and node in self.traced.user_inputs:
                 continue
             users = list(self.graph.successors(node))
-            if users and all(u in region or u in dead for u in users):
+            if users and all(u in consumers or u in dead for u in users):
                 dead.add(node)
                 for p in self.graph.predecessors(node):
-                    if p not in region and p not in seen:
+                    if p not in consumers and p not in seen:
                         seen.add(p)
                         pending.add(p)
-        return sorted({p for n in dead for p in self.traced.param_uses.get(n, ()) if not p.startswith(name + ".")})
+        return dead
+
+    def branch_after(self, name: str, residuals: list[Residual]) -> set[fx.Node]:
+        """The nodes of a zero unit's branch after it, outside it (a parent's layer scale or post-norm)."""
+        region = self.regions[name]
+        return {node for residual in residuals for node in residual.branch_nodes - region
+                if any(a in region for a in nx.ancestors(self.graph, node))}
+
+    def outside_params(self, name: str, nodes: set[fx.Node]) -> set[str]:
+        return {p for n in nodes for p in self.traced.param_uses.get(n, ()) if not p.startswith(name + ".")}
+
+    def fed(self) -> set[fx.Node]:
+        """The nodes computed from the model's inputs (the rest are computed from weights alone)."""
+        if self._fed is None:
+            inputs = self.traced.user_inputs
+            self._fed = set(inputs).union(*(nx.descendants(self.graph, i) for i in inputs))
+        return self._fed
+
+    def readers(self) -> dict[str, list[fx.Node]]:
+        """Each parameter's reading nodes."""
+        if self._readers is None:
+            self._readers = {}
+            for node, params in self.traced.param_uses.items():
+                for p in params:
+                    self._readers.setdefault(p, []).append(node)
+        return self._readers
+
+    def owned_modules(self, name: str, nodes: set[fx.Node]) -> list[str]:
+        """The outermost modules with weights that run only as ``nodes``, once per forward, outside unit ``name``."""
+        found: list[str] = []
+        scopes = {s for n in nodes for s in self.traced.scopes[n]}
+        for module_name in sorted(scopes, key=lambda s: (s.count("."), s)):
+            module = self.modules.get(module_name)
+            if (module is None or module_name == name or module_name.startswith(name + ".")
+                    or any(module_name.startswith(f + ".") for f in found)
+                    or next(module.parameters(), None) is None):
+                continue
+            if self.regions[module_name] <= nodes and self.traced.call_counts.get(module_name, 1) == 1:
+                found.append(module_name)
+        return found
+
+    def reshaping(self, name: str) -> str | None:
+        """How owned module ``name`` may not keep its input's shape (None: it keeps it). A skipped
+        unit's owned module returns zeros shaped like its first argument in its output's place."""
+        call = self.measured.calls.get(name) if self.measured else None
+        if call is not None:
+            before, after = call.arg_shapes.get(0), call.output_shape
+            if before is not None and before == after:
+                return None
+            if before is None or after is None:
+                return "does not take and return one tensor"
+            return f"changes its input's shape from {list(before)} to {list(after)}"
+        if isinstance(self.modules[name], _SHAPE_KEEPING) and 0 in self.traced.call_args.get(name, {}):
+            return None
+        return "may change its input's shape (pass example inputs to check)"
+
+    def keeps_zeros(self, node: fx.Node, branch: set[fx.Node]) -> bool:
+        """Whether ``node`` maps an all-zero branch value to zeros (``gamma * f(x)``, a reshape, dropout)."""
+        if node.op == "call_module":
+            return isinstance(self.modules.get(str(node.target)), _ZERO_KEEPING_MODULES)
+        name = _op_name(node).removeprefix("__").removesuffix("__")
+        if name in ("div", "truediv", "div_"):
+            return bool(node.args) and node.args[0] in branch  # zeros divided, not dividing
+        return name in _ZERO_KEEPING
+
+    def op_label(self, node: fx.Node) -> str:
+        return str(node.target) if node.op == "call_module" else (_op_name(node) or node.name)
 
     def kept_when_skipped(self, name: str, drop: DropRule, residuals: list[Residual],
                           output: ObservedOutput | None) -> set[fx.Node] | None:

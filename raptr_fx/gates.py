@@ -17,6 +17,10 @@ buffers and state_dict keys are untouched) and reads its decision from a shared
 * evaluation mode: the original forward, bit for bit;
 * under ``torch.compile``, a step where every unit runs unscaled: the original forward, inlined,
   in both modes, so the whole model is one graph with its cross-unit fusions, as untransformed.
+
+A unit that owns modules outside it (``Block.owned_before``/``owned_after``: a parent's norm that
+only its branch reads) gets a companion gate on each (:class:`OwnedForward`): while the unit is
+skipped, the module returns zeros shaped like its input instead of running.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from .errors import RaptrError, RaptrWarning
 from .skipping import signature_of, skipped_output, stream_output, with_stream_output
 from .wrappers import is_compiled, wrapper_chain
 
-__all__ = ["GateState", "GatedForward", "gate_of", "install_gate", "move_gate", "remove_gates"]
+__all__ = ["GateState", "GatedForward", "OwnedForward", "gate_of", "install_gate", "move_gate", "remove_gates"]
 
 CompileMode = Literal["regional", "cond"]
 
@@ -130,7 +134,7 @@ class GatedForward:
     """
 
     def __init__(self, module: nn.Module, block: Block, index: int, state: GateState, scaled: bool,
-                 slot: tuple[nn.Module, str]):
+                 slot: tuple[nn.Module, str], owned: list[tuple[nn.Module, str]] = ()):
         self.module = module
         self.block = block
         self.index = index
@@ -138,7 +142,9 @@ class GatedForward:
         self.scaled = scaled  # False: scaling is "none", so no arithmetic is emitted at all
         self.slot = slot  # (parent, attribute) that holds ``module``: a wrapper put there later is followed
         self.place = "_compiled_call_impl" if "_compiled_call_impl" in module.__dict__ else "forward"
-        self.slots = [(owner, name) for owner in module.modules() for name in owner._parameters]
+        # The unit's parameters, then those it owns outside it (frozen with it: ``Block.owned``).
+        self.slots = [(owner, name) for owner in module.modules() for name in owner._parameters] + list(owned)
+        self.companions: list[OwnedForward] = []  # gates on the modules it owns outside it
         self.original: Callable[..., Any] = getattr(module, self.place)
         self.instance_forward = module.__dict__.get(self.place)  # the user's own override (or compiled call), if any
         self.compiled_forward: Callable[..., Any] | None = None  # regional mode, made on first use
@@ -146,7 +152,7 @@ class GatedForward:
         self.__signature__ = signature_of(self.original)  # inspect.signature(module.forward) unchanged
 
     def parameters(self) -> list[nn.Parameter]:
-        """The unit's trainable parameters as they are now.
+        """The unit's trainable parameters as they are now, with those it owns outside it.
 
         Looked up at every use, never kept: meta-device init (``to_empty``),
         ``load_state_dict(assign=True)`` and FSDP2 sharding replace parameter objects, and a
@@ -247,6 +253,75 @@ class GatedForward:
         return skipped_output(self.block, args, kwargs, stream)
 
 
+class OwnedForward:
+    """Stands in for the forward of a module that a unit owns (only its branch uses it: a parent's
+    norm feeding the unit, a post-norm of its output): while the unit is skipped, the module returns
+    zeros shaped like its input instead of running. Discovery checked that its output has that shape,
+    and that the zeros reach nothing but the skipped unit, or the add as the branch's zeros.
+
+    Otherwise it follows its unit's gate: the original forward when the unit runs, in eval mode, and
+    under ``torch.compile`` when every unit runs; ``torch.cond`` in "cond" mode; a graph break and its
+    own compiled graph in "regional" mode.
+    """
+
+    def __init__(self, module: nn.Module, gate: GatedForward):
+        self.module = module
+        self.gate = gate
+        self.place = "_compiled_call_impl" if "_compiled_call_impl" in module.__dict__ else "forward"
+        self.original: Callable[..., Any] = getattr(module, self.place)
+        self.instance_forward = module.__dict__.get(self.place)
+        self.compiled_forward: Callable[..., Any] | None = None  # regional mode, made on first use
+        self.__signature__ = signature_of(self.original)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        gate = self.gate
+        if not gate.module.training:  # the unit's mode decides: in eval its gate runs it whole
+            return self.original(*args, **kwargs)
+        if torch.compiler.is_compiling():
+            if gate.state.all_run:
+                return self.original(*args, **kwargs)
+            if gate.state.compile_mode == "cond":
+                x, rest = _first_argument(args, kwargs)
+                return torch.cond(gate.state.keep_tensor[gate.index], lambda x: self.original(x, *rest, **kwargs),
+                                  torch.zeros_like, (x,))
+            return _owned_outside_graph(self, args, kwargs)
+        return self.decided(args, kwargs, self.original)
+
+    def decided(self, args: tuple, kwargs: dict, forward: Callable[..., Any]) -> Any:
+        if self.gate.state.keep[self.gate.index]:
+            return forward(*args, **kwargs)
+        return torch.zeros_like(_first_argument(args, kwargs)[0])
+
+
+def _first_argument(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple]:
+    """An owned module's input (its first argument) and the other positional arguments."""
+    if args:
+        return args[0], args[1:]
+    return next(iter(kwargs.values())), ()
+
+
+@torch.compiler.disable(reason="raptr_fx's regional gates decide in Python, so the graph breaks at a module "
+                        "that a unit owns outside it, as at the unit")
+def _owned_outside_graph(owned: OwnedForward, args: tuple, kwargs: dict) -> Any:
+    """Regional mode: decide in Python; a kept module runs its own compiled graph (see _gate_outside_graph)."""
+    if owned.compiled_forward is None:
+        owned.compiled_forward = torch.compile(owned.original, **owned.gate.state.compile_options)
+    return _lowering_backward_at_forward(lambda: owned.decided(args, kwargs, owned.compiled_forward))
+
+
+def _lowering_backward_at_forward(run: Callable[[], Any]) -> Any:
+    """``run()`` with compiled backward graphs lowered at their first forward, not lazily in the middle
+    of a backward pass: there the compile workers would start while DDP's gloo threads reduce gradients
+    (seen to hang). Set and put back by hand: config.patch() cost about 40 us per call, 7 us this way."""
+    config = torch._functorch.config
+    before = config.force_non_lazy_backward_lowering
+    config.force_non_lazy_backward_lowering = True
+    try:
+        return run()
+    finally:
+        config.force_non_lazy_backward_lowering = before
+
+
 @torch.compiler.disable(reason="raptr_fx's regional gates decide in Python at each unit, so the graph breaks there. "
                         "With fullgraph=True, transform with compile_mode='cond' (one graph, a predicate tensor), or "
                         "torch.compile each block after transform (the gates then decide outside the compiled blocks)")
@@ -258,16 +333,7 @@ def _gate_outside_graph(gate: GatedForward, args: tuple, kwargs: dict) -> Any:
     """
     if gate.compiled_forward is None:
         gate.compiled_forward = torch.compile(gate.original, **gate.state.compile_options)
-    # Lower the backward at first forward, not lazily in the middle of a backward pass: there
-    # the compile workers would start while DDP's gloo threads reduce gradients (seen to hang).
-    # Set and put back by hand: config.patch() cost about 40 us per call, 7 us this way.
-    config = torch._functorch.config
-    before = config.force_non_lazy_backward_lowering
-    config.force_non_lazy_backward_lowering = True
-    try:
-        out = gate.gated(args, kwargs, gate.compiled_forward)
-    finally:
-        config.force_non_lazy_backward_lowering = before
+    out = _lowering_backward_at_forward(lambda: gate.gated(args, kwargs, gate.compiled_forward))
     if not gate.graphs_checked and gate.state.keep[gate.index]:  # the unit ran: it has compiled by now
         gate.graphs_checked = True
         _warn_if_each_unit_compiles_its_own_graph(gate)
@@ -326,10 +392,16 @@ def slot_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def install_gate(model: nn.Module, block: Block, index: int, state: GateState, scaled: bool) -> GatedForward:
-    """Gate ``block`` on the outermost module in its slot (the unit itself, or a wrapper around it)."""
+    """Gate ``block`` on the outermost module in its slot (the unit itself, or a wrapper around it),
+    and each module it owns outside it."""
     slot = slot_of(model, block.name)
-    gate = GatedForward(slot[0]._modules[slot[1]], block, index, state, scaled, slot)
+    owned = [slot_of(model, name) for name in block.owned]
+    gate = GatedForward(slot[0]._modules[slot[1]], block, index, state, scaled, slot, owned)
     gate.module.__dict__[gate.place] = gate
+    for name in block.owned_before + block.owned_after:
+        companion = OwnedForward(model.get_submodule(name), gate)
+        companion.module.__dict__[companion.place] = companion
+        gate.companions.append(companion)
     return gate
 
 
@@ -344,7 +416,9 @@ def move_gate(model: nn.Module, gate: GatedForward) -> GatedForward:
     return install_gate(model, gate.block, gate.index, gate.state, gate.scaled)
 
 
-def _remove_gate(gate: GatedForward) -> None:
+def _remove_gate(gate: GatedForward | OwnedForward) -> None:
+    for companion in getattr(gate, "companions", ()):
+        _remove_gate(companion)
     del gate.module.__dict__[gate.place]
     if gate.instance_forward is not None:
         gate.module.__dict__[gate.place] = gate.instance_forward

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from torch import fx, nn
 
-__all__ = ["OutputSlot", "Leaf", "ObservedOutput", "UnitFacts", "Verdict", "observe", "judge", "shared_reason",
+__all__ = ["OutputSlot", "Leaf", "ObservedOutput", "Owned", "UnitFacts", "Verdict", "observe", "judge", "shared_reason",
            "stream_output", "with_stream_output", "skipped_output", "signature_of"]
 
 _CONSTANT_TYPES = (bool, int, float, str)
@@ -105,6 +105,30 @@ class OutputSlot:
     value: bool | int | float | str | None = None  # role "constant" (None for "unread")
 
 
+@dataclass(frozen=True)
+class Owned:
+    """What a unit owns outside its module: the weights only its branch uses.
+
+    Skipped, the unit takes them along: the modules holding them return zeros shaped like their
+    input instead of running (a parent's norm feeding the branch, a post-norm of the branch's
+    output), and the parameters are frozen with the unit. A layer scale the parent multiplies the
+    branch by runs on the zeros, which keeps them zeros. The last four fields say why a unit
+    cannot own what its branch runs outside it (any one refuses the unit).
+    """
+
+    params: tuple[str, ...] = ()  # qualified names of the parameters: frozen with the unit
+    before: tuple[str, ...] = ()  # modules whose output only the unit reads (a parent's pre-norm)
+    after: tuple[str, ...] = ()  # zero units: modules on the branch after it (a parent's post-norm)
+    shared: tuple[str, ...] = ()  # outside weights the branch runs that something else reads too
+    loose: tuple[str, ...] = ()  # outside weights run on data outside any module: no gate can stop them
+    reshaping: tuple[tuple[str, str], ...] = ()  # (owned module, how it may change its input's shape)
+    not_zero: tuple[str, ...] = ()  # ops after the unit, before the add, that do not keep zeros zero
+
+    @property
+    def refused(self) -> bool:
+        return bool(self.shared or self.loose or self.reshaping or self.not_zero)
+
+
 @dataclass
 class UnitFacts:
     """What discovery learned about one unit; :func:`judge` decides from these alone."""
@@ -116,8 +140,7 @@ class UnitFacts:
     projection: list[str] | None  # identity units: the modules of a projection shortcut, if any
     shortcut_scale: float | None  # identity units: the shortcut is ``x * shortcut_scale`` (a constant)
     zero_fix: str  # zero units refused: what would make the layer around them the unit
-    weights_after: list[str]  # zero units: parameters outside it on the branch after it (layer scale)
-    weights_before: list[str]  # parameters outside it whose results only it consumes (a parent's norm)
+    owned: Owned  # weights outside it that only its branch uses, and the modules holding them
     output: ObservedOutput | None  # what the call returned; None: not observed (one tensor assumed)
     computed_from: dict[int | str, list[str]]  # computed output element -> parameters it is computed from
     unread: frozenset[int | str]  # computed output elements nothing outside the unit reads
@@ -150,17 +173,9 @@ def judge(facts: UnitFacts) -> Verdict:
         shapes = f" and changes the stream's shape{shapes}" if shapes else ""
         return Verdict(f"its shortcut is a projection{where}, not the identity{shapes}: "
                        "skipping it would change the stream")
-    # Droppable only when a skip removes exactly the computation the unit owns: weights outside it
-    # that would keep running would train wrong (updated on zeros) or escape the freezing of dropped units.
-    if facts.weights_after:
-        return Verdict(f"the branch also runs weights outside {facts.name} on its result "
-                       f"({_listing(facts.weights_after)}): skipped, they would still run on its zeros and "
-                       f"keep training; {facts.zero_fix}")
-    if facts.weights_before:
-        where = "the branch also runs weights outside" if facts.drop == "zero" else "it reads weights computed outside"
-        fix = facts.zero_fix if facts.drop == "zero" else f"compute them inside {facts.name}"
-        return Verdict(f"{where} {facts.name} that only it uses ({_listing(facts.weights_before)}): skipped, "
-                       f"they would still run for nothing and not be frozen with it; {fix}")
+    reason = _ownership_problem(facts)
+    if reason is not None:
+        return Verdict(reason)
     output = facts.output or ObservedOutput("tensor")
     if output.container != "tensor" and output.container not in _CONTAINERS.values():
         return Verdict(f"returns a {output.container}; a skipped unit can only rebuild one tensor "
@@ -178,6 +193,32 @@ def judge(facts: UnitFacts) -> Verdict:
     slots = tuple(_slot(facts.module, leaf, leaf is stream_leaf, leaf.key in facts.unread)
                   for leaf in output.leaves)
     return Verdict(None, position, name, output.container, slots)
+
+
+def _ownership_problem(facts: UnitFacts) -> str | None:
+    """Why the unit cannot own the weights its branch runs outside it (None: it owns them all).
+
+    A skip must remove exactly the computation the unit stands for: outside weights that kept
+    running would train wrong (updated on zeros) or escape the freezing of dropped units.
+    """
+    owned, name = facts.owned, facts.name
+    fix = facts.zero_fix if facts.drop == "zero" else f"compute them inside {name}"
+    outside = "the branch also runs weights outside" if facts.drop == "zero" else "it reads weights computed outside"
+    if owned.shared:
+        return (f"{outside} {name} that other parts of the model read too ({_listing(owned.shared)}): "
+                f"frozen with it, they would stop training for those too; {fix}")
+    if owned.loose:
+        return (f"{outside} {name} that only it uses, on data outside any module ({_listing(owned.loose)}): "
+                f"skipped, they would still run for nothing; {fix}")
+    if owned.reshaping:
+        module, change = owned.reshaping[0]
+        return (f"{name} owns {module} (only its branch uses it), but {module} {change}: skipped with {name}, "
+                f"it could not return zeros shaped like its output; {fix}")
+    if owned.not_zero:
+        return (f"the branch runs weights outside {name} on its result ({_listing(owned.params)}) "
+                f"through {owned.not_zero[0]}, which does not keep zeros zero: skipped, the branch would "
+                f"not add zeros; {fix}")
+    return None
 
 
 def shared_reason(calls: int) -> str:
@@ -213,7 +254,7 @@ def _structure_problem(facts: UnitFacts, output: ObservedOutput, stream_leaf: Le
     return None
 
 
-def _listing(names: list[str]) -> str:
+def _listing(names: Sequence[str]) -> str:
     """``a, b`` or ``a, b and 3 more``."""
     more = f" and {len(names) - 2} more" if len(names) > 2 else ""
     return ", ".join(names[:2]) + more

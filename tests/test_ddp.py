@@ -62,3 +62,41 @@ def test_ddp_ranks_agree_without_find_unused_parameters(tmp_path, compile_mode, 
     assert any(not all(d) for d in ranks[0]["decisions"]), "some steps must drop units"
     assert all(all(f) for f in ranks[0]["frozen"]), "dropped units must not be updated"
     assert ranks[0]["checksum"] == ranks[1]["checksum"]
+
+
+def _owned_worker(rank: int, out_dir: str) -> dict:
+    """A pre-norm loop whose branches own their norms (tests/test_owned.py), under DDP."""
+    from tests.fixtures.patterns import NormListLoop
+
+    torch.manual_seed(0)
+    model = NormListLoop()
+    ctl = transform(model, RaPTr("2-3-4", total_steps=STEPS, fixed_units=[], sampling="exact"), seed=7)
+    owned = [[model.get_parameter(p) for p in b.owned] for b in ctl.blocks]
+    ddp = DDP(model)  # no find_unused_parameters: the skipped norms must still report gradients
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    ctl.attach(optimizer)
+    generator = torch.Generator().manual_seed(100 + rank)
+    decisions, zero_grads, frozen = [], [], []
+    for _ in range(STEPS):
+        decisions.append(ctl.active)
+        before = [[p.detach().clone() for p in params] for params in owned]
+        ddp(torch.randn(2, 5, 16, generator=generator)).pow(2).mean().backward()
+        zero_grads.append([all(p.grad is not None and not p.grad.any() for p in params)
+                           for params, kept in zip(owned, decisions[-1]) if not kept])
+        optimizer.step()
+        optimizer.zero_grad()
+        frozen.append([all(torch.equal(a, b) for a, b in zip(values, params))
+                       for values, params, kept in zip(before, owned, decisions[-1]) if not kept])
+    checksum = [float(p.detach().double().sum()) for p in model.parameters()]
+    return {"decisions": decisions, "zero_grads": zero_grads, "frozen": frozen, "checksum": checksum}
+
+
+@pytest.mark.slow
+def test_ddp_gives_owned_weights_of_skipped_units_zero_gradients_and_freezes_them(tmp_path):
+    ranks = run_ranks(_owned_worker, tmp_path)
+    assert ranks[0]["decisions"] == ranks[1]["decisions"]
+    assert any(not all(d) for d in ranks[0]["decisions"]), "some steps must drop units"
+    for rank in ranks:
+        assert all(all(z) for z in rank["zero_grads"]), "a skipped unit's norm must get zero gradients"
+        assert all(all(f) for f in rank["frozen"]), "a skipped unit's norm must not be updated"
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]

@@ -50,16 +50,12 @@ def test_branch_granularity_lists_each_branch():
     assert all(b.droppable for b in blocks)
 
 
-def test_branch_granularity_refuses_branches_whose_norm_lives_outside():
-    # GPT's pre-norm ln_1 is the layer's, not attn's: a skipped attn would leave it running unfrozen.
+def test_branch_granularity_branches_own_the_norm_only_they_read():
+    # GPT's pre-norm ln_1 is the layer's, not attn's, but only attn reads it: attn owns it, skipped and frozen with it.
     blocks = find_blocks(GPT(n_layer=2), tokens(), granularity="branch")
-    assert [b.name for b in blocks] == ["transformer.h.0.attn", "transformer.h.0.mlp",
-                                        "transformer.h.1.attn", "transformer.h.1.mlp"]
-    assert not any(b.droppable for b in blocks)
-    assert blocks[0].reason == (
-        "the branch also runs weights outside transformer.h.0.attn that only it uses (transformer.h.0.ln_1.bias, "
-        "transformer.h.0.ln_1.weight): skipped, they would still run for nothing and not be frozen with it; "
-        "use granularity='layer'")
+    assert [(b.name, b.owned_before, b.droppable) for b in blocks] == [
+        (f"transformer.h.{i}.{branch}", (f"transformer.h.{i}.{norm}",), True)
+        for i in range(2) for branch, norm in (("attn", "ln_1"), ("mlp", "ln_2"))]
 
 
 def test_branch_granularity_refuses_branches_spanning_modules():
@@ -67,7 +63,7 @@ def test_branch_granularity_refuses_branches_spanning_modules():
 
     blocks = find_blocks(TinyBert(n_layer=1), granularity="branch")
     assert blocks and not any(b.droppable for b in blocks)
-    assert "also runs weights outside" in blocks[0].reason
+    assert "owns encoder.layer.0.attention.self.key (only its branch uses it), but" in blocks[0].reason
 
 
 def test_shared_module_is_reported_not_dropped():

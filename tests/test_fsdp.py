@@ -162,3 +162,42 @@ def test_fsdp2_with_checkpointed_compiled_blocks_compiles_like_the_untransformed
         assert rank["graphs"] == rank["untransformed_graphs"] == 1  # one graph serves every block, no recompile
         for got, want in zip(rank["final"], model.parameters()):
             torch.testing.assert_close(torch.tensor(got), want.detach(), rtol=1e-4, atol=1e-5)
+
+
+def _owned_worker(rank: int, out_dir: str) -> dict:
+    """fully_shard per unit, then the root, which holds the norms the units own (tests/test_owned.py)."""
+    from tests.fixtures.patterns import NormListLoop
+
+    torch.manual_seed(0)
+    model = NormListLoop()
+    ctl = transform(model, RaPTr("2-3-4", total_steps=STEPS, fixed_units=[], sampling="exact"), seed=7)
+    for block in ctl.blocks:
+        fully_shard(model.get_submodule(block.name))
+    fully_shard(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    ctl.attach(optimizer)
+    decisions, frozen = [], []
+    for step in range(STEPS):
+        decisions.append(ctl.active)
+        owned = [[model.get_parameter(p) for p in b.owned] for b in ctl.blocks]
+        before = [[_full(p).clone() for p in params] for params in owned]
+        x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1000 * rank + step))
+        model(x).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        owned = [[model.get_parameter(p) for p in b.owned] for b in ctl.blocks]
+        frozen += [all(torch.equal(a, _full(b)) for a, b in zip(values, params))
+                   for values, params, kept in zip(before, owned, decisions[-1]) if not kept]
+    norms_sharded = all(isinstance(p, DTensor) for p in model.norms.parameters())
+    return {"decisions": decisions, "frozen": frozen, "norms_sharded": norms_sharded,
+            "final": [_full(p).tolist() for p in model.norms.parameters()]}
+
+
+@pytest.mark.slow
+def test_fsdp2_freezes_the_norms_skipped_units_own_on_every_rank(tmp_path):
+    ranks = run_ranks(_owned_worker, tmp_path)
+    assert ranks[0]["decisions"] == ranks[1]["decisions"]
+    assert any(not all(d) for d in ranks[0]["decisions"]), "some steps must drop units"
+    for rank in ranks:
+        assert rank["norms_sharded"] and rank["frozen"] and all(rank["frozen"]), "a skipped unit's norm moved"
+    assert ranks[0]["final"] == ranks[1]["final"]

@@ -25,22 +25,7 @@ def test_identity_module_shortcut_and_scale_keep_the_stream(with_inputs):
         (f"layers.{i}", "identity", True) for i in range(3)]
 
 
-@BOTH
-@pytest.mark.parametrize("factory, after, weights", [
-    (patterns.ViewLayerScale, True, "gamma"),
-    (patterns.ParentNorm, False, "norms.0.bias, norms.0.weight"),
-    (patterns.ParentStandardizedWeight, False, "weights"),
-], ids=["layer scale through view", "parent norm", "standardized weight"])
-def test_zero_units_running_weights_outside_are_refused(factory, after, weights, with_inputs):
-    blocks = find_blocks(factory(), inputs_or_none(with_inputs))
-    assert blocks and not any(b.droppable for b in blocks)
-    reason = blocks[0].reason
-    assert reason.startswith(f"the branch also runs weights outside {blocks[0].name} ")
-    assert f"({weights})" in reason
-    expected = "on its zeros and keep training" if after else "for nothing and not be frozen with it"
-    assert expected in reason
-    with pytest.raises(raptr_fx.RaptrError, match="no droppable"):
-        transform(factory(), FullModel(), example_inputs=inputs_or_none(with_inputs))
+# Weights outside a unit that only its branch uses: tests/test_owned.py.
 
 
 def test_a_branch_owning_its_layer_scale_is_a_zero_unit():
@@ -167,12 +152,11 @@ def test_an_instance_forward_wrapper_is_looked_through():
 
 def test_no_blocks_error_names_the_refused_units():
     from raptr_fx.discovery import no_blocks_error
-    from tests.fixtures.models import LoopTransformer, tokens
 
-    message = str(no_blocks_error(raptr_fx.discover(LoopTransformer(), tokens())))
-    assert message.startswith("LoopTransformer has no droppable residual blocks: all 4 residual units found "
-                              "were refused (traced with torch.fx):\n  - attns.0: the branch also runs weights "
-                              "outside attns.0 that only it uses (ln1.0.bias, ln1.0.weight)")
+    message = str(no_blocks_error(raptr_fx.discover(patterns.ViewLayerScale(), features())))
+    assert message.startswith("ViewLayerScale has no droppable residual blocks: all 2 residual units found "
+                              "were refused (traced with torch.fx):\n  - mlps.0: the branch also runs weights "
+                              "outside mlps.0 that other parts of the model read too (gamma)")
     assert "concatenation skips" not in message  # it has residuals; they were refused
 
 
@@ -323,10 +307,10 @@ def test_a_mask_retry_that_fails_too_is_in_the_error():
 ])
 def test_a_refused_branch_says_what_to_do_at_each_granularity(granularity, fix):
     # At layer granularity the modules around the add were tried as layers: asking for it would not help.
-    blocks = find_blocks(patterns.RootResiduals(), features(), granularity=granularity)
-    assert [(b.name, b.droppable) for b in blocks] == [("fc2.0", False), ("fc2.1", False)]
-    assert blocks[0].reason == ("the branch also runs weights outside fc2.0 that only it uses (fc1.0.bias, "
-                                f"fc1.0.weight): skipped, they would still run for nothing and not be frozen with it; {fix}")
+    blocks = find_blocks(patterns.ViewLayerScale(), features(), granularity=granularity)
+    assert [(b.name, b.droppable) for b in blocks] == [("mlps.0", False), ("mlps.1", False)]
+    assert blocks[0].reason == ("the branch also runs weights outside mlps.0 that other parts of the model read too "
+                                f"(gamma): frozen with it, they would stop training for those too; {fix}")
 
 
 @BOTH
@@ -365,7 +349,8 @@ def test_a_layer_normalizing_its_stream_first_is_refused_for_that(with_inputs):
     blocks = find_blocks(patterns.TimeMixStack(), inputs_or_none(with_inputs))
     refused = [b for b in blocks if not b.droppable]
     assert [b.name for b in refused] == ["layers.0.fc2"]
-    assert refused[0].reason.startswith("the branch also runs weights outside layers.0.fc2 that only it uses")
+    assert refused[0].reason.startswith("the branch also runs weights outside layers.0.fc2 that only it uses, on "
+                                        "data outside any module (layers.0.mix)")
     assert refused[0].reason.endswith(
         "; layers.0 is no layer: it runs layers.0.pre_norm on the stream before its first residual add "
         "(skipped, it would return its input, not their output)")
@@ -389,6 +374,6 @@ def test_a_module_embedding_ids_is_not_called_a_layer_that_normalizes_first():
     discovery = raptr_fx.discover(patterns.EmbeddedRootResiduals(), tokens())
     assert discovery.tracer == "torch.export"
     blocks = discovery.blocks
-    assert [(b.name, b.droppable) for b in blocks] == [("model.fc2.0", False), ("model.fc2.1", False)]
-    assert blocks[0].reason.endswith(
-        "; no module around it is a layer (one taking the stream as an input and returning it once)")
+    # No layer: the branches are the units, each owning the fc1 only it reads (tests/test_owned.py).
+    assert [(b.name, b.drop, b.droppable, b.owned_before) for b in blocks] == [
+        ("model.fc2.0", "zero", True, ("model.fc1.0",)), ("model.fc2.1", "zero", True, ("model.fc1.1",))]
