@@ -267,7 +267,7 @@ class _Finder:
         problem = None
         if raw:
             problem = (f"{name} is a linear layer with an adapter, and it runs weights that are no nn.Linear or "
-                       f"Conv1D projection ({raw[0]}): a cut could not narrow them with the layer")
+                       f"Conv1D projection ({', '.join(raw)}): a cut could not narrow them with the layer")
         elif len(ins) != 1 or len(outs) != 1:
             problem = f"the projections of {name} and its adapter do not all read and write the same features"
         weight = getattr(self.modules[name], "weight", None)
