@@ -58,7 +58,7 @@ class Controller:
         self._stepping_with: torch.optim.Optimizer | None = None
         self._step = 0
         modules = dict(model.named_modules())
-        self._consumers = [modules[g.consumer] for g in self.width_groups]
+        self._consumers = [modules[g.cut_targets(-1)[0]] for g in self.width_groups]  # their weight's device
         self._gates: list[GatedForward] = []
         self._cut_forwards: list[Cut] = []
         try:  # all or nothing: a failure leaves no gate behind

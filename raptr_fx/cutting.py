@@ -144,19 +144,26 @@ def install_cuts(model: nn.Module, groups: Sequence[WidthGroup], state: CutState
     """Cut the projections of ``groups``; all or nothing."""
     modules = dict(model.named_modules())
     installed = []
+    cut_by: dict[str, str] = {}  # projection -> the group cutting it
     try:
         for g, group in enumerate(groups):
-            for position, name in enumerate(group.modules):
-                module = modules[name]
-                projection = projection_of(name, module)
-                if projection is None:
-                    raise TypeError(f"{name} of width group {group.name} is no longer a Linear or Conv1D")
-                cut = Cut(module, projection, position < len(group.modules) - 1, group.part_widths[position],
-                          scaled, always)
-                module._raptr_cut = cut
-                module.forward = types.MethodType(_cut_forward, module)
-                state.cuts[g].append(cut)
-                installed.append(cut)
+            for position in range(len(group.modules)):
+                for name in group.cut_targets(position):  # a linear layer with an adapter: its projections
+                    module = modules[name]
+                    projection = projection_of(name, module)
+                    if projection is None:
+                        raise TypeError(f"{name} of width group {group.name} is no longer a Linear or Conv1D")
+                    if name in cut_by or is_cut(module):  # a second cut would call the first as its forward
+                        raise RaptrError(f"{name} of width group {group.name} is already cut (by "
+                                         f"{cut_by.get(name, 'an earlier transform')}): a projection can be cut "
+                                         "by one width group only")
+                    cut_by[name] = group.name
+                    cut = Cut(module, projection, position < len(group.modules) - 1, group.part_widths[position],
+                              scaled, always)
+                    module._raptr_cut = cut
+                    module.forward = types.MethodType(_cut_forward, module)
+                    state.cuts[g].append(cut)
+                    installed.append(cut)
     except BaseException:
         remove_cuts(model)
         raise
@@ -183,7 +190,7 @@ def trial_cuts(model: nn.Module, groups: Sequence[WidthGroup]) -> Iterator[None]
     try:
         install_cuts(model, groups, state, scaled=False, always=True)
         state.set([list(range(max(1, g.parts // 2))) for g in groups], [1.0] * len(groups),
-                  [modules[g.consumer].weight.device for g in groups])
+                  [modules[g.cut_targets(-1)[0]].weight.device for g in groups])
         yield
     finally:
         remove_cuts(model)

@@ -9,7 +9,10 @@ A residual add combines the stream ``x`` with a branch computed from ``x``::
     a * x + b * f(x)                      (constant-scaled shortcut: MiniMax, Beam; never skippable)
 
 Not residual: ``f(x) + g(x)`` where neither side is the stream, adds of
-parameters or constants (position embeddings), concatenation skips.
+parameters or constants (position embeddings), concatenation skips, and a linear layer with an
+adapter, ``W x + B(A(x))`` inside one module (LoRA): two linear maps of the module's input that
+both run weights sum to one linear map, so dropping either side changes a weight, not the depth
+(:func:`find_adapters` lists them).
 """
 
 from __future__ import annotations
@@ -19,11 +22,11 @@ from dataclasses import dataclass, replace
 
 import networkx as nx
 import torch
-from torch import fx
+from torch import fx, nn
 
 from .tracing import TracedModel, is_shape_query
 
-__all__ = ["Residual", "dataflow_graph", "find_residuals"]
+__all__ = ["Adapter", "Residual", "dataflow_graph", "find_adapters", "find_residuals"]
 
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_", "__add__", "__iadd__", "__radd__"}
@@ -40,6 +43,13 @@ _METADATA_FACTORIES = {"ones_like", "zeros_like", "empty_like", "full_like", "ne
 # ``a.expand_as(b)`` and the like: the values are a's, b gives only its shape or dtype
 # (GPT-NeoX-Japanese adds ``dense_bias.expand_as(residual)``: no shortcut through the residual).
 _LIKE_SECOND = {"expand_as", "view_as", "reshape_as", "type_as"}
+# Ops linear in the one operand they read from a value (the other is a weight, a constant or a mask):
+# a path of them from x is a linear (affine, with biases) map of x.
+_LINEAR = {"linear", "matmul", "mm", "bmm", "addmm", "conv1d", "conv2d", "conv3d", "convolution", "t",
+           "transpose", "permute", "neg", "mul", "mul_", "rmul", "div", "div_", "truediv", "dropout",
+           "native_dropout", "feature_dropout", "alpha_dropout", "dropout_", *_PASS_THROUGH}
+_SUMS = {"add", "add_", "iadd", "radd", "sub", "sub_", "isub"}  # of linear maps: linear whatever they add
+_LINEAR_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.modules.dropout._DropoutNd, nn.Identity)
 # A projection shortcut is short (conv + norm); a residual branch is longer than its shortcut.
 _MAX_SHORTCUT_OPS = 3
 
@@ -56,6 +66,17 @@ class Residual:
     params: frozenset[str]  # parameters the branch reads
     shortcut: frozenset[fx.Node] = frozenset()  # projection shortcut nodes; empty for identity
     shortcut_scale: float | None = None  # the shortcut is ``x * shortcut_scale`` (a constant, no weights)
+
+
+@dataclass(frozen=True, eq=False)
+class Adapter:
+    """``base(x) + adapter(x)`` inside one module: both sides linear maps of the module's input ``x``
+    that run weights (LoRA's ``W x + B(A(x)) * s``). One linear layer, not a residual add."""
+
+    add: fx.Node
+    module: str  # the module whose forward adds them: the linear layer with its adapter
+    origin: fx.Node  # the module's input both sides are computed from
+    nodes: frozenset[fx.Node]  # both sides, origin -> each operand of the add
 
 
 def is_add(node: fx.Node) -> bool:
@@ -99,6 +120,28 @@ def _op_name(node: fx.Node) -> str:
     if node.op == "call_function":
         return str(getattr(node.target, "__name__", "")).split(".")[0]
     return ""
+
+
+def _linear_in(origin: fx.Node, nodes: frozenset[fx.Node]) -> bool:
+    """Every node of ``nodes`` (a path from ``origin``) is linear in what it reads from the path."""
+    on_path = nodes | {origin}
+    for node in nodes:
+        reads = [a for a in node.all_input_nodes if a in on_path]
+        name = _op_name(node).removeprefix("__").removesuffix("__")
+        if node.op == "call_module":
+            stack = list(node.meta.get("nn_module_stack", {}).values())
+            kind = stack[-1][1] if stack else None
+            linear = isinstance(kind, type) and (issubclass(kind, _LINEAR_MODULES) or kind.__name__ == "Conv1D")
+        elif node.op == "call_function" and node.target is operator.getitem:  # native_dropout's output
+            source = node.args[0]
+            linear = isinstance(source, fx.Node) and _op_name(source) == "native_dropout" and node.args[1] == 0
+        elif name in _SUMS:
+            linear = True
+        else:  # one operand from the path (x * x is not linear); a division divides it
+            linear = name in _LINEAR and len(reads) == 1 and not (name.startswith("div") and node.args[0] not in on_path)
+        if not linear:
+            return False
+    return True
 
 
 def _before_pass_through(node: fx.Node, scopes: dict[fx.Node, tuple[str, ...]], within: tuple[str, ...]) -> fx.Node:
@@ -160,6 +203,46 @@ class _Ancestry:
         return frozenset(found)
 
 
+def _add_operands(node: fx.Node, traced: TracedModel) -> list[fx.Node] | None:
+    """The two tensor operands of an add, or None for anything else."""
+    if not is_add(node):
+        return None
+    operands = [a for a in node.args[:2] if isinstance(a, fx.Node)]
+    return operands if len(operands) == 2 and all(traced.is_value(a) for a in operands) else None
+
+
+def _adapter(add: fx.Node, u: fx.Node, v: fx.Node, *, ancestry: _Ancestry, traced: TracedModel) -> Adapter | None:
+    """``add`` as a linear layer with an adapter: ``u`` and ``v`` linear maps of one input of the
+    module holding the add, computed inside it, each running weights of its own."""
+    scope = traced.scopes.get(add, ())
+    origin = ancestry.latest_common(u, v)
+    if not scope or origin is None:
+        return None
+
+    def inside(node: fx.Node) -> bool:
+        return traced.scopes.get(node, ())[:len(scope)] == scope
+
+    if inside(_before_pass_through(origin, traced.scopes, scope)):
+        return None  # computed from a value inside the module: not its input
+    sides = [ancestry.path(origin, side) for side in (u, v)]
+    for nodes in sides:
+        params = set().union(*(traced.param_uses.get(n, ()) for n in nodes))
+        if not params or not all(inside(n) for n in nodes) or not _linear_in(origin, nodes):
+            return None
+    return Adapter(add, scope[-1], origin, sides[0] | sides[1])
+
+
+def find_adapters(traced: TracedModel, graph: nx.DiGraph) -> list[Adapter]:
+    """Every add of a linear layer and its adapter (see :class:`Adapter`), in graph order."""
+    ancestry = _Ancestry(graph, list(traced.graph.nodes))
+    found = []
+    for node in traced.graph.nodes:
+        operands = _add_operands(node, traced)
+        if operands is not None and (adapter := _adapter(node, *operands, ancestry=ancestry, traced=traced)):
+            found.append(adapter)
+    return found
+
+
 def find_residuals(traced: TracedModel, graph: nx.DiGraph, parameter_free: bool = False) -> list[Residual]:
     """Every residual add of ``traced``, in graph order.
 
@@ -187,13 +270,11 @@ def find_residuals(traced: TracedModel, graph: nx.DiGraph, parameter_free: bool 
     user_inputs = set(traced.user_inputs)
     found: dict[fx.Node, Residual] = {}
     for node in traced.graph.nodes:
-        if not is_add(node):
-            continue
-        operands = [a for a in node.args[:2] if isinstance(a, fx.Node)]
-        if len(operands) != 2 or not all(traced.is_value(a) for a in operands):
+        operands = _add_operands(node, traced)
+        if operands is None:
             continue
         residual = _classify(node, *operands, ancestry=ancestry, params_of=params_of, found=found,
-                             source=lambda n, add=node: source(n, add))
+                             source=lambda n, add=node: source(n, add), traced=traced)
         if residual is None and parameter_free:
             residual = _offset(node, *operands, fed=fed)
         if residual is not None and bool(residual.params) != parameter_free and carries_data(residual.origin):
@@ -205,7 +286,7 @@ def find_residuals(traced: TracedModel, graph: nx.DiGraph, parameter_free: bool 
     return list(found.values())
 
 
-def _classify(add, u, v, *, ancestry: _Ancestry, params_of, found, source) -> Residual | None:
+def _classify(add, u, v, *, ancestry: _Ancestry, params_of, found, source, traced: TracedModel) -> Residual | None:
     # x + f(x): one operand is computed from the other, or from the value it copies
     # (``h = x.clone(); h += f(x)``).
     for stream, branch in ((v, u), (u, v)):
@@ -219,6 +300,9 @@ def _classify(add, u, v, *, ancestry: _Ancestry, params_of, found, source) -> Re
         if previous is not None and ancestry.is_ancestor(previous.origin, branch):
             nodes = ancestry.path(previous.origin, branch)
             return Residual(add, stream, branch, previous.origin, nodes, params_of(nodes))
+    # W x + B(A(x)) inside one module: a linear layer with an adapter, not a shortcut and a branch.
+    if _adapter(add, u, v, ancestry=ancestry, traced=traced) is not None:
+        return None
     # proj(x) + f(x): both sides computed from x, one a short parametrised shortcut.
     origin = ancestry.latest_common(u, v)
     if origin is None:

@@ -18,6 +18,12 @@ narrowed for a training step without touching anything else:
 Each group is proved on fake tensors: the model runs with the group's projections cut and every
 unit's output keeps its shape. Projections are ``nn.Linear`` or Hugging Face's ``Conv1D``
 (``weight`` stored as ``[in, out]``).
+
+A linear layer with an adapter (``base(x) + B(A(x)) * s``, LoRA; see ``residuals.Adapter``) is one
+projection, named after the module holding both: a producer cut keeps the same rows of every
+projection in it that writes its output (``base`` and ``B``), a consumer cut the same columns of
+every one that reads its input (``base`` and ``A``). One whose adapter runs weights that are no
+such projection (a raw parameter of its own) cannot be cut, and its groups say so.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from torch import fx, nn
 
 from .discovery import Discovery, _Grouping, _on_model_device, discover
 from .probe import Probe, probe
-from .residuals import _op_name, dataflow_graph
+from .residuals import _op_name, dataflow_graph, find_adapters
 from .tracing import ExampleInputs, is_shape_query, normalize_example_inputs
 from .untouched import untouched
 from .wrappers import seen_through
@@ -79,6 +85,9 @@ class WidthGroup:
     part_widths: tuple[int, ...] = ()
     params: int = 0  # parameters in the group's projections
     flops_share: float | None = None  # share of the model's forward FLOPs that scales with the cut
+    # Per module, the projections a cut narrows when it is a linear layer with an adapter (its base
+    # and adapter projections); empty: every module is itself the projection cut.
+    targets: tuple[tuple[str, ...], ...] = ()
 
     @property
     def name(self) -> str:
@@ -101,6 +110,11 @@ class WidthGroup:
     @property
     def consumer(self) -> str:
         return self.modules[-1]
+
+    def cut_targets(self, position: int) -> tuple[str, ...]:
+        """The projections a cut of ``modules[position]`` narrows: the module, or for a linear layer
+        with an adapter, its projections that write its output (producer) or read its input (consumer)."""
+        return self.targets[position] if self.targets else (self.modules[position],)
 
 
 @dataclass(frozen=True)
@@ -159,8 +173,9 @@ def _width_groups_seen_through(model: nn.Module, discovery: Discovery, inputs: E
     if inputs is not None and not _has_shapes(traced):
         _propagate_shapes(model, traced, inputs)
     finder = _Finder(model, discovery)
-    groups = [g for block in discovery.blocks if block.name in finder.grouping.regions
-              for g in finder.unit_groups(block.name)]
+    # Units may nest (a refused outer candidate and a branch inside it): a projection is cut by one group.
+    groups = finder.without_overlaps([g for block in discovery.blocks if block.name in finder.grouping.regions
+                                      for g in finder.unit_groups(block.name)])
     if inputs is None:
         return [g if g.kind == "mlp" or not g.droppable else
                 replace(g, droppable=False, reason="pass example inputs to count its heads") for g in groups]
@@ -207,21 +222,80 @@ class _Finder:
         self.grouping = _Grouping(model, discovery.traced, graph, discovery.residuals, None)
         self.graph = graph
         modules = dict(model.named_modules())
+        self.modules = modules
         self.projections = {name: p for name, m in modules.items()
                             if (p := projection_of(name, m)) is not None and name in self.grouping.regions}
+        # A linear layer with an adapter is one projection; the ones inside it are its parts.
+        self.adapted: dict[str, tuple[tuple[str, ...], tuple[str, ...], str | None]] = {}
+        for adapted in sorted({a.module for a in find_adapters(discovery.traced, graph)}, key=lambda n: n.count(".")):
+            if not any(adapted.startswith(outer + ".") for outer in self.adapted):  # not a part of one already
+                self.adapt(adapted)
         self.output_of: dict[fx.Node, str] = {}  # a projection's output node -> its name
         for name in self.projections:
             outputs = self.grouping.outputs(name)
             if len(outputs) == 1:
                 self.output_of[outputs[0]] = name
         self.calls = discovery.traced.call_counts
-        self.modules = modules
         self.order = {n: i for i, n in enumerate(discovery.traced.graph.nodes)}
+
+    def adapt(self, name: str) -> None:
+        """Make the linear layer ``name`` and its adapter one projection (see the module docstring)."""
+        region = self.grouping.regions[name]
+        inner = {p: self.grouping.regions[p] for p in self.projections if p.startswith(name + ".")}
+        parts = [self.projections.pop(p) for p in inner]
+        owner = {n: p for p, nodes in inner.items() for n in nodes}
+
+        def reaches_another(part: str, backwards: bool) -> bool:
+            """Whether ``part`` reads (backwards) or feeds another projection inside ``name``."""
+            stack = list(self.grouping.inputs(part) if backwards else self.grouping.outputs(part))
+            seen = set()
+            while stack:
+                node = stack.pop()
+                if node in seen or node not in region:
+                    continue
+                seen.add(node)
+                if owner.get(node, part) != part:
+                    return True
+                stack.extend(self.graph.predecessors(node) if backwards else self.graph.successors(node))
+            return False
+
+        writers = tuple(p.name for p in parts if not reaches_another(p.name, backwards=False))
+        readers = tuple(p.name for p in parts if not reaches_another(p.name, backwards=True))
+        raw = sorted({w for n in region - owner.keys() for w in self.traced.param_uses.get(n, ())})
+        ins = {p.in_features for p in parts if p.name in readers}
+        outs = {p.out_features for p in parts if p.name in writers}
+        problem = None
+        if raw:
+            problem = (f"{name} is a linear layer with an adapter, and it runs weights that are no nn.Linear or "
+                       f"Conv1D projection ({', '.join(raw)}): a cut could not narrow them with the layer")
+        elif len(ins) != 1 or len(outs) != 1:
+            problem = f"the projections of {name} and its adapter do not all read and write the same features"
+        weight = getattr(self.modules[name], "weight", None)
+        if ins and outs:
+            features = (min(ins), max(outs))
+        elif isinstance(weight, torch.Tensor) and weight.dim() == 2:  # all weights its own: [out, in]
+            features = (weight.shape[1], weight.shape[0])
+        else:
+            return  # no projection we can size: no group will hold it
+        self.projections[name] = Projection(name, *features, False)
+        self.adapted[name] = (writers, readers, problem)
+
+    def through_adapters(self, group: WidthGroup) -> WidthGroup:
+        """Cut a linear layer with an adapter through its projections (or refuse, saying why not)."""
+        if not any(m in self.adapted for m in group.modules):
+            return group
+        last = len(group.modules) - 1
+        targets = tuple(self.adapted[m][0 if i < last else 1] if m in self.adapted else (m,)
+                        for i, m in enumerate(group.modules))
+        group = replace(group, targets=targets)
+        problem = next((self.adapted[m][2] for m in group.modules if m in self.adapted and self.adapted[m][2]), None)
+        return group if problem is None or not group.droppable else replace(group, droppable=False, reason=problem)
 
     def unit_groups(self, unit: str) -> list[WidthGroup]:
         region = self.grouping.regions[unit]
         inside = [p for p in self.projections.values() if p.name.startswith(unit + ".")]
         groups = self.head_groups(unit, region) + self.mlp_groups(unit, region, inside)
+        groups = [self.through_adapters(g) for g in groups]
         groups += self.expert_refusals(unit, groups)
         groups.sort(key=lambda g: self.first_node(g.consumer))
         return self.without_overlaps(groups)
@@ -514,8 +588,8 @@ def prove(model: nn.Module, inputs: ExampleInputs, groups: list[WidthGroup], mea
     expected = unit_outputs(measured, units)
 
     def failure(trial: list[WidthGroup]) -> str | None:
-        try:
-            with trial_cuts(model, trial):
+        try:  # a trial leaves nothing in the model, whatever the model's forward does under a cut
+            with untouched(model), trial_cuts(model, trial):
                 seen = probe(model, inputs)
         except Exception as exc:  # noqa: BLE001 - any error is the model refusing the cut
             exc = exc.__cause__ or exc  # the probe wraps the model's own error
