@@ -38,6 +38,7 @@ import torch
 from torch import fx, nn
 
 from .residuals import _op_name
+from .tracing import is_shape_query
 from .untouched import untouched
 
 __all__ = ["HeadRewrite", "plan_head_rewrite", "rewritten_forward"]
@@ -84,17 +85,14 @@ class _LeafTracer(fx.Tracer):
 
 def trace_attention(module: nn.Module, leaves: Iterable[nn.Module]) -> fx.GraphModule:
     """The attention module's forward as a graph, traced once in training mode."""
-    was_training = module.training
-    module.train()
-    try:
-        with untouched(module):
+    with untouched(module):  # puts every training flag back too
+        module.train()
+        try:
             graph = _LeafTracer(leaves).trace(module)
-    except Exception as exc:  # noqa: BLE001 - any tracing failure is a refusal with its cause
-        text = str(exc).strip().splitlines()
-        raise Refusal(f"torch.fx cannot trace {type(module).__name__}.forward ({type(exc).__name__}: "
-                      f"{text[0] if text else ''})") from exc
-    finally:
-        module.train(was_training)
+        except Exception as exc:  # noqa: BLE001 - any tracing failure is a refusal with its cause
+            text = str(exc).strip().splitlines()
+            raise Refusal(f"torch.fx cannot trace {type(module).__name__}.forward ({type(exc).__name__}: "
+                          f"{text[0] if text else ''})") from exc
     return fx.GraphModule(module, graph, type(module).__name__)
 
 
@@ -219,8 +217,12 @@ class _Walk:
             self.refuse(node, "returns a tensor that still has the heads: a cut would change the module's output")
         if node.op == "call_module":
             return self.module_call(node)
-        if node.target is getattr and node.args[1] == "shape" or name == "size":
-            return self.size_query(node)
+        if is_shape_query(node):
+            if node.target is getattr and node.args[1] == "shape" or name == "size":
+                return self.size_query(node)
+            if name == "numel" and node.args[0] in self.axes:
+                self.following.add(node)
+            return None  # dtype, device, dim(): the same with fewer heads
         if node.target is operator.getitem:
             return self.getitem(node)
         if not any(a in self.axes for a in node.all_input_nodes):  # arithmetic on sizes

@@ -470,7 +470,9 @@ class _Finder:
                 found.append(WidthGroup(unit, "heads", module.num_heads, (name,), droppable=False,
                                         params=self.params([name]),
                                         reason="nn.MultiheadAttention packs query, key and value into one "
-                                        "in_proj_weight and runs as one op: its heads cannot be cut"))
+                                        "in_proj_weight and runs F.multi_head_attention_forward, which takes "
+                                        "head_dim as embed_dim // num_heads: fewer heads would need its forward "
+                                        "replaced, which is not supported: its heads are not cut"))
                 continue
             # [experts, out, in]: a matrix per expert. A [heads, 1, 1] scale (a per-head logit
             # temperature) is 3-D too, but holds no matrix to cut.

@@ -11,8 +11,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import raptr_fx
 from raptr_fx import RaPTr, RaptrError, Stage, WidthRaPTr, find_width_groups, transform
 from tests.distributed import run_ranks
-from tests.fixtures.models import (GPT, FusedAttentionStack, GroupedFusedAttention, HeadScaledAttention, ResNet, ViT,
-                                   features, images, tokens)
+from tests.fixtures.models import (GPT, FusedAttentionStack, GroupedFusedAttention, HeadScaledAttention,
+                                   PerHeadFusedAttention, ResNet, ViT, features, images, tokens)
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -264,7 +264,15 @@ def test_meta_device_init_and_assign_loading_are_followed():
 FUSED = {  # name -> (model, inputs, its first attention module, the projections' names in it)
     "nanogpt": (lambda: GPT(n_layer=2), tokens, "transformer.h.0.attn", ("c_attn", "c_proj")),
     "timm": (lambda: FusedAttentionStack(), features, "blocks.0.attn", ("qkv", "proj")),
+    "neox": (lambda: FusedAttentionStack(PerHeadFusedAttention), features, "blocks.0.attn", ("query_key_value", "dense")),
 }
+
+
+def _fused_rows(group, heads, head_dim):
+    """The fused projection's rows of ``heads``: in each of q, k and v, or each head's q, k, v block."""
+    if group.rewrite.segments:
+        return [s * group.parts * head_dim + h * head_dim + i for s in range(3) for h in heads for i in range(head_dim)]
+    return [h * 3 * head_dim + i for h in heads for i in range(3 * head_dim)]
 
 
 @pytest.fixture(params=list(FUSED))
@@ -298,14 +306,17 @@ def test_fused_heads_compute_exactly_the_kept_heads(fused):
     assert group.droppable and len(kept) == group.parts // 2
     module = model.get_submodule(attention)
     qkv, out = getattr(module, fused_name), getattr(module, out_name)
-    heads, head_dim = group.parts, qkv.out_features // (3 * group.parts)
-    rows = [s * heads * head_dim + h * head_dim + i for s in range(3) for h in kept for i in range(head_dim)]
+    head_dim = qkv.out_features // (3 * group.parts)
+    rows = _fused_rows(group, kept, head_dim)
     columns = [h * head_dim + i for h in kept for i in range(head_dim)]
     x = _embedded(model, inputs, attention).detach()
     b, t, _ = x.shape
-    q, k, v = (part.view(b, t, len(kept), head_dim).transpose(1, 2)
-               for part in torch.nn.functional.linear(x, qkv.weight[rows], qkv.bias[rows]).chunk(3, dim=-1))
-    if attention.startswith("transformer"):  # nanoGPT: causal scaled_dot_product_attention
+    projected = torch.nn.functional.linear(x, qkv.weight[rows], qkv.bias[rows])
+    if group.rewrite.segments:  # q, k, v one after another
+        q, k, v = (part.view(b, t, len(kept), head_dim).transpose(1, 2) for part in projected.chunk(3, dim=-1))
+    else:  # each head's q, k, v together
+        q, k, v = projected.view(b, t, len(kept), 3 * head_dim).transpose(1, 2).chunk(3, dim=-1)
+    if not hasattr(module, "q_norm"):  # nanoGPT, NeoX: causal scaled_dot_product_attention
         y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
     else:  # timm: q/k norms, softmax(q k^T scale) v
         y = ((module.q_norm(q) * module.scale) @ module.k_norm(k).transpose(-2, -1)).softmax(-1) @ v
@@ -357,7 +368,7 @@ def test_fused_heads_not_kept_are_bitwise_unchanged_after_adamw(fused):
     for _ in range(3):
         kept = ctl._cuts.kept[g]
         dropped = sorted(set(range(heads)) - set(kept))
-        rows = lambda hs: [s * heads * head_dim + h * head_dim + i for s in range(3) for h in hs for i in range(head_dim)]
+        rows = lambda hs: _fused_rows(ctl.width_groups[g], hs, head_dim)  # noqa: E731
         columns = [h * head_dim + i for h in dropped for i in range(head_dim)]
         before = [qkv.weight[rows(dropped)].clone(), qkv.bias[rows(dropped)].clone(), out.weight[:, columns].clone()]
         kept_before = qkv.weight[rows(kept)].clone()
