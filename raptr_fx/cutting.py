@@ -10,6 +10,10 @@ untouched, like the depth gates:
 The elementwise ops between them see the narrowed tensor, so the group's FLOPs fall to the kept
 fraction. With every part kept, or in eval mode, the original forward runs, bit for bit.
 
+A head group with a fused projection (``WidthGroup.rewrite``) cuts the kept heads' rows of each of
+its q, k and v segments, and its attention module runs the rewritten graph of
+:mod:`raptr_fx.head_rewrite` (sizes that follow the kept heads) while the cut is active.
+
 Parts not kept get exactly zero gradient (``index_select``'s backward), but an optimizer would
 still move them through momentum and weight decay; :class:`FrozenParts` puts their values and
 optimizer state back after ``optimizer.step()``.
@@ -18,6 +22,7 @@ optimizer state back after ``optimizer.step()``.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import types
 from typing import Any, Callable, Iterator, Sequence
 
@@ -26,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import RaptrError
+from .head_rewrite import rewritten_forward
 from .width import Projection, WidthGroup, projection_of
 
 __all__ = ["Cut", "CutState", "install_cuts", "remove_cuts", "is_cut", "FrozenParts", "kept_indices", "trial_cuts",
@@ -41,11 +47,14 @@ class Cut:
     """
 
     def __init__(self, module: nn.Module, projection: Projection, producer: bool, width: int, scaled: bool,
-                 always: bool = False):
+                 always: bool = False, segments: tuple[int, ...] = (), parts: int = 0):
         self.module = module
         self.transposed = projection.transposed
         self.producer = producer
         self.width = width  # rows (producer) or columns (consumer) one part spans
+        # A fused producer's rows per part in each of its segments (q, k, v), of ``parts`` parts each.
+        self.segments, self.parts = segments, parts
+        self.layout = (width, segments)  # cuts of one layout select the same rows
         self.scaled = scaled and not producer
         self.always = always  # the proof on fake tensors: cut whatever the training flag says
         self.kept: list[int] | None = None  # this step's kept parts; None: every part runs
@@ -59,6 +68,10 @@ class Cut:
         self.index = index
         self.scale = scale if self.scaled else 1.0
 
+    def rows(self, parts: torch.Tensor | Sequence[int], device: torch.device | str) -> torch.Tensor:
+        """The rows (producer) or columns (consumer) of ``parts``."""
+        return kept_indices(parts, self.width, device, segments=self.segments, parts_total=self.parts)
+
 
 def _cut_forward(module: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """Stands in for a projection's ``forward`` (bound to it); see the module docstring."""
@@ -69,7 +82,7 @@ def _cut_forward(module: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) 
     if is_dtensor(weight):  # FSDP2 alone gives the forward plain tensors: this is tensor parallel
         raise RaptrError(tensor_parallel_width_error(f"{type(module).__name__}.weight", weight))
     if cut.index.device != weight.device:  # moved since the draw (meta-device init, .to()): follow it
-        cut.index = kept_indices(cut.kept, cut.width, weight.device)
+        cut.index = cut.rows(cut.kept, weight.device)
     return cut_linear(x, weight, module.bias, cut.index, producer=cut.producer, transposed=cut.transposed,
                       scale=cut.scale)
 
@@ -98,11 +111,11 @@ class CutState:
             parts = None if parts is None else torch.as_tensor(parts, dtype=torch.long)
             self.kept_tensors[g] = parts
             self.kept[g] = None if parts is None else parts.tolist()
-            by_width: dict[int, torch.Tensor | None] = {}  # the cuts of a group mostly share one width
+            by_layout: dict[Any, torch.Tensor | None] = {}  # the cuts of a group mostly share one layout
             for cut in cuts:
-                if cut.width not in by_width:
-                    by_width[cut.width] = None if parts is None else kept_indices(parts, cut.width, device)
-                cut.set(self.kept[g], by_width[cut.width], factor)
+                if cut.layout not in by_layout:
+                    by_layout[cut.layout] = None if parts is None else cut.rows(parts, device)
+                cut.set(self.kept[g], by_layout[cut.layout], factor)
 
     def dropped(self, g: int) -> torch.Tensor:
         """The parts group ``g`` does not keep this step (sorted, on the CPU)."""
@@ -111,8 +124,14 @@ class CutState:
         return mask.nonzero().flatten()
 
 
-def kept_indices(parts: torch.Tensor | Sequence[int], width: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The rows (or columns) of ``parts``, each spanning ``width`` contiguous rows."""
+def kept_indices(parts: torch.Tensor | Sequence[int], width: int, device: torch.device | str = "cpu", *,
+                 segments: Sequence[int] = (), parts_total: int = 0) -> torch.Tensor:
+    """The rows (or columns) of ``parts``, each spanning ``width`` contiguous rows; with ``segments``
+    (a fused projection: q, k and v one after another, each of ``parts_total`` parts), the rows of
+    ``parts`` in every segment, segment ``s`` spanning ``segments[s]`` rows per part."""
+    if segments:
+        offsets = itertools.accumulate((parts_total * w for w in segments[:-1]), initial=0)
+        return torch.cat([offset + kept_indices(parts, w) for offset, w in zip(offsets, segments)]).to(device)
     base = torch.as_tensor(parts, dtype=torch.long)
     if width == 1:
         return base.to(device)
@@ -135,19 +154,46 @@ def cut_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return out if bias is None else out + bias
 
 
+class RewrittenHeads:
+    """An attention module whose code fixes its head count (``WidthGroup.rewrite``), kept on it as
+    ``_raptr_heads``: its rewritten forward runs while its fused producer's cut is active."""
+
+    def __init__(self, module: nn.Module, rewritten: Callable[..., Any], cut: Cut):
+        self.module = module
+        self.rewritten = rewritten
+        self.cut = cut  # the fused producer's: the rewrite runs exactly when it cuts
+        self.original: Callable[..., Any] = module.forward
+        self.instance_forward = module.__dict__.get("forward")
+
+
+def _heads_forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """Stands in for a rewritten attention module's ``forward`` (bound to it)."""
+    heads: RewrittenHeads = module._raptr_heads
+    cut = heads.cut
+    if cut.index is None or not (module.training or cut.always):
+        return heads.original(*args, **kwargs)
+    return heads.rewritten(*args, **kwargs)
+
+
+_STATE = {_cut_forward: "_raptr_cut", _heads_forward: "_raptr_heads"}  # each replaced forward, its state
+
+
 def is_cut(module: nn.Module) -> bool:
-    return getattr(module.__dict__.get("forward"), "__func__", None) is _cut_forward
+    return getattr(module.__dict__.get("forward"), "__func__", None) in _STATE
 
 
 def install_cuts(model: nn.Module, groups: Sequence[WidthGroup], state: CutState, scaled: bool,
-                 always: bool = False) -> list[Cut]:
-    """Cut the projections of ``groups``; all or nothing."""
+                 always: bool = False) -> list[Cut | RewrittenHeads]:
+    """Cut the projections of ``groups`` (and rewrite the attention modules of fused head groups);
+    all or nothing."""
     modules = dict(model.named_modules())
-    installed = []
+    installed: list[Cut | RewrittenHeads] = []
     cut_by: dict[str, str] = {}  # projection -> the group cutting it
     try:
         for g, group in enumerate(groups):
             for position in range(len(group.modules)):
+                producer = position < len(group.modules) - 1
+                segments = group.rewrite.segments if group.rewrite and producer else ()
                 for name in group.cut_targets(position):  # a linear layer with an adapter: its projections
                     module = modules[name]
                     projection = projection_of(name, module)
@@ -158,12 +204,19 @@ def install_cuts(model: nn.Module, groups: Sequence[WidthGroup], state: CutState
                                          f"{cut_by.get(name, 'an earlier transform')}): a projection can be cut "
                                          "by one width group only")
                     cut_by[name] = group.name
-                    cut = Cut(module, projection, position < len(group.modules) - 1, group.part_widths[position],
-                              scaled, always)
+                    cut = Cut(module, projection, producer, group.part_widths[position], scaled, always,
+                              segments, group.parts)
                     module._raptr_cut = cut
                     module.forward = types.MethodType(_cut_forward, module)
                     state.cuts[g].append(cut)
                     installed.append(cut)
+            if group.rewrite is not None:
+                attention = modules[group.rewrite.module]
+                leaves = [modules[m] for m in group.modules]
+                heads = RewrittenHeads(attention, rewritten_forward(attention, group.rewrite, leaves), state.cuts[g][0])
+                attention._raptr_heads = heads
+                attention.forward = types.MethodType(_heads_forward, attention)
+                installed.append(heads)
     except BaseException:
         remove_cuts(model)
         raise
@@ -174,10 +227,10 @@ def remove_cuts(model: nn.Module) -> int:
     removed = 0
     for module in model.modules():
         if is_cut(module):
-            cut = module.__dict__.pop("_raptr_cut")
+            replaced = module.__dict__.pop(_STATE[module.__dict__["forward"].__func__])
             del module.forward
-            if cut.instance_forward is not None:
-                module.forward = cut.instance_forward
+            if replaced.instance_forward is not None:
+                module.forward = replaced.instance_forward
             removed += 1
     return removed
 
@@ -217,19 +270,19 @@ class FrozenParts:
             if self.state.kept[g] is None or group.unit not in running:
                 continue
             dropped = self.state.dropped(g)
-            by_width: dict[tuple[int, torch.device], torch.Tensor] = {}
+            by_layout: dict[tuple[Any, torch.device], torch.Tensor] = {}
             for cut in cuts:
                 module = cut.module
                 if not module.training:  # eval mode ran the whole projection: its gradient is real
                     continue
                 weight = module.weight
-                key = (cut.width, weight.device)
-                if key not in by_width:
-                    by_width[key] = kept_indices(dropped, cut.width, weight.device)
+                key = (cut.layout, weight.device)
+                if key not in by_layout:
+                    by_layout[key] = cut.rows(dropped, weight.device)
                 out_dim = 1 if cut.transposed else 0  # Conv1D keeps weight as [in, out]
-                yield weight, out_dim if cut.producer else 1 - out_dim, by_width[key]
+                yield weight, out_dim if cut.producer else 1 - out_dim, by_layout[key]
                 if cut.producer and module.bias is not None:
-                    yield module.bias, 0, by_width[key]
+                    yield module.bias, 0, by_layout[key]
 
     def save(self, optimizer: torch.optim.Optimizer) -> None:
         self.saved.clear()

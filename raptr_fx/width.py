@@ -11,9 +11,12 @@ narrowed for a training step without touching anything else:
 * ``heads``: query, key and value projections feeding one attention op (``scaled_dot_product_
   attention``, or ``matmul -> softmax -> matmul``) and the output projection after it. The parts
   are key/value heads, each with the query heads that share it (grouped-query attention), so a
-  cut keeps whole heads. The model's own code must size its reshapes from the data
+  cut keeps whole heads. Separate projections need code that sizes its reshapes from the data
   (``view(b, t, -1, head_dim)``, as Hugging Face models do); a head count fixed in the code is
-  caught by the probe below and reported.
+  caught by the probe below and reported. A fused projection split into q, k and v by sizes
+  fixed in the code (nanoGPT's ``c_attn(x).split(c, dim=2)``, timm's ``qkv(x).reshape(B, N, 3,
+  heads, head_dim)``) is cut through a rewrite of its attention module's graph
+  (:mod:`raptr_fx.head_rewrite`, ``WidthGroup.rewrite``), or refused with the op it cannot follow.
 
 Each group is proved on fake tensors: the model runs with the group's projections cut and every
 unit's output keeps its shape. Projections are ``nn.Linear`` or Hugging Face's ``Conv1D``
@@ -36,6 +39,7 @@ import torch
 from torch import fx, nn
 
 from .discovery import Discovery, _Grouping, _on_model_device, discover
+from .head_rewrite import HeadRewrite, Refusal, plan_head_rewrite
 from .probe import Probe, probe
 from .residuals import _op_name, dataflow_graph, find_adapters
 from .tracing import ExampleInputs, is_shape_query, normalize_example_inputs
@@ -88,6 +92,7 @@ class WidthGroup:
     # Per module, the projections a cut narrows when it is a linear layer with an adapter (its base
     # and adapter projections); empty: every module is itself the projection cut.
     targets: tuple[tuple[str, ...], ...] = ()
+    rewrite: HeadRewrite | None = None  # heads of a fused projection: the attention module's rewrite
 
     @property
     def name(self) -> str:
@@ -165,7 +170,8 @@ def width_groups(model: nn.Module, discovery: Discovery, inputs: ExampleInputs |
     """The width groups inside the units of ``discovery`` (see :func:`find_width_groups`)."""
     with seen_through(model) as real_name:  # discovery's graph names the modules inside wrappers as unwrapped
         groups = _width_groups_seen_through(model, discovery, inputs)
-    return [replace(g, unit=real_name(g.unit), modules=tuple(real_name(m) for m in g.modules)) for g in groups]
+    return [replace(g, unit=real_name(g.unit), modules=tuple(real_name(m) for m in g.modules),
+                    rewrite=g.rewrite and replace(g.rewrite, module=real_name(g.rewrite.module))) for g in groups]
 
 
 def _width_groups_seen_through(model: nn.Module, discovery: Discovery, inputs: ExampleInputs | None) -> list[WidthGroup]:
@@ -180,6 +186,7 @@ def _width_groups_seen_through(model: nn.Module, discovery: Discovery, inputs: E
         return [g if g.kind == "mlp" or not g.droppable else
                 replace(g, droppable=False, reason="pass example inputs to count its heads") for g in groups]
     measured = probe(model, inputs)
+    groups = [_planned(model, g, measured) if g.rewrite is not None and g.droppable else g for g in groups]
     groups = _with_flops(groups, measured)
     return prove(model, inputs, groups, measured)
 
@@ -467,20 +474,22 @@ class _Finder:
             which = [n for n, s in zip(("query", "key", "value"), sources) if len(s) != 1]
             return refuse(f"the attention's {which[0]} is not the output of one projection in {unit}")
         q, k, v = (next(iter(s)) for s in sources)
-        if len({q, k, v}) < 3:
-            return refuse(f"query, key and value are split from one fused projection ({q}): a subset of heads "
-                          "would need rows from each of its segments, and the split sizes are fixed in the code")
+        if len({q, k, v}) == 2:
+            return refuse(f"two of query, key and value come from one projection ({q if q in (k, v) else k}), "
+                          "the third from another: not supported")
         if len(consumers) != 1:
             return refuse(f"the attention output feeds {len(consumers)} projections in {unit}, not one")
         o = next(iter(consumers))
-        group = replace(group, modules=(q, k, v, o))
-        q_shape, k_shape = _shape(query), _shape(key)
-        if q_shape is None or k_shape is None:
+        group = replace(group, modules=(q, o) if q == k == v else (q, k, v, o))
+        q_shape, k_shape, v_shape = _shape(query), _shape(key), _shape(value)
+        if q_shape is None or k_shape is None or v_shape is None:
             return refuse("pass example inputs to count its heads")
         if len(q_shape) != 4:
             return refuse(f"the query reaching {op} is shaped {list(q_shape)}, not [batch, heads, tokens, "
                           "head_dim]: no head dimension to cut")
         heads, head_dim = q_shape[1], q_shape[3]
+        if q == k == v:
+            return self.fused_head_group(group, refuse, heads, head_dim, k_shape[1], v_shape[-1])
         pq, pk, pv, po = (self.projections[n] for n in (q, k, v, o))
         if pq.out_features != heads * head_dim or pk.out_features % head_dim:
             return refuse(f"{q} makes {pq.out_features} features, not {heads} heads of {head_dim}")
@@ -498,6 +507,30 @@ class _Finder:
         problem = self.call_problem(group.modules)
         return group if problem is None else refuse(problem)
 
+    def fused_head_group(self, group: WidthGroup, refuse: Any, heads: int, head_dim: int, kv_heads: int,
+                         value_dim: int) -> WidthGroup:
+        """Query, key and value split from one projection: cut through a rewrite of the attention
+        module's graph, planned once shapes are known (:func:`_planned`)."""
+        fused, o = group.modules
+        if kv_heads == 0 or heads % kv_heads:
+            return refuse(f"{heads} query heads cannot be grouped over {kv_heads} key/value heads")
+        per_group = heads // kv_heads
+        segments = (per_group * head_dim, head_dim, value_dim)  # rows per key/value head of q, k and v
+        pf, po = self.projections[fused], self.projections[o]
+        if pf.out_features != kv_heads * sum(segments):
+            return refuse(f"{fused} makes {pf.out_features} features, not query, key and value of {heads} "
+                          f"heads of {head_dim}")
+        if po.in_features != heads * value_dim:
+            return refuse(f"{o} reads {po.in_features} features, not {heads} heads of {value_dim}")
+        module = ".".join(_common_prefix(fused.split("."), o.split("."))) or group.unit
+        start = len(module) + 1
+        group = replace(group, size=heads, parts=kv_heads, part_widths=(sum(segments), per_group * value_dim),
+                        rewrite=HeadRewrite(module, fused[start:], o[start:], kv_heads, sum(segments), segments, ()))
+        if kv_heads < 2:
+            return refuse("it has one key/value head: a cut would keep all heads or none")
+        problem = self.call_problem((*group.modules, module))
+        return group if problem is None else refuse(problem)
+
     # -- the rest -------------------------------------------------------------------------------
     def expert_refusals(self, unit: str, groups: list[WidthGroup]) -> list[WidthGroup]:
         """Weights a cut cannot narrow: experts stored as one 3-D parameter ([experts, out, in]) and
@@ -511,7 +544,9 @@ class _Finder:
                 found.append(WidthGroup(unit, "heads", module.num_heads, (name,), droppable=False,
                                         params=self.params([name]),
                                         reason="nn.MultiheadAttention packs query, key and value into one "
-                                        "in_proj_weight and runs as one op: its heads cannot be cut"))
+                                        "in_proj_weight and runs F.multi_head_attention_forward, which takes "
+                                        "head_dim as embed_dim // num_heads: fewer heads would need its forward "
+                                        "replaced, which is not supported: its heads are not cut"))
                 continue
             # [experts, out, in]: a matrix per expert. A [heads, 1, 1] scale (a per-head logit
             # temperature) is 3-D too, but holds no matrix to cut.
@@ -559,6 +594,35 @@ def _with_flops(groups: list[WidthGroup], measured: Probe) -> list[WidthGroup]:
         flops = sum(measured.flops.get(m, 0) for m in modules)
         result.append(replace(group, flops_share=flops / measured.total_flops))
     return result
+
+
+def _common_prefix(a: list[str], b: list[str]) -> list[str]:
+    common = []
+    for x, y in zip(a[:-1], b[:-1]):
+        if x != y:
+            break
+        common.append(x)
+    return common
+
+
+def _planned(model: nn.Module, group: WidthGroup, measured: Probe) -> WidthGroup:
+    """A fused head group with its rewrite planned on the attention module's traced graph, or
+    refused with the op the rewrite cannot follow."""
+    request = group.rewrite
+    modules = dict(model.named_modules())
+    call = measured.calls.get(request.module)
+    fused = f"query, key and value are split from one fused projection ({group.producers[0]})"
+    if call is None:
+        return replace(group, droppable=False, rewrite=None,
+                       reason=f"{fused}, and {request.module} did not run in the probe")
+    try:
+        planned = plan_head_rewrite(modules[request.module], request.module, request.producer, request.consumer,
+                                    request.parts, request.segments, group.part_widths[-1],
+                                    [modules[m] for m in group.modules], call.arg_shapes,
+                                    modules[group.producers[0]].weight)
+    except Refusal as refusal:
+        return replace(group, droppable=False, rewrite=None, reason=f"{fused}; its heads cannot be cut: {refusal}")
+    return replace(group, rewrite=planned)
 
 
 def _common_parent(names: Iterable[str]) -> str | None:

@@ -82,6 +82,9 @@ def test_width_run_compiles_once_per_kept_size_and_matches_eager(depth):
     schedule = (RaPTr("2-3-4", total_steps=9, width="0.5-0.75-1") if depth
                 else WidthRaPTr("0.5-0.75-1", total_steps=9))
     ctl = transform(model, schedule, seed=1, example_inputs=tokens(), compile_options={"backend": counter})
+    # The heads of the fused c_attn are cut too: their rewritten attention graphs compile per kept size as well.
+    assert {g.kind for g in ctl.width_groups} == {"mlp", "heads"} and all(g.rewrite for g in ctl.width_groups
+                                                                          if g.kind == "heads")
     compiled = torch.compile(model, backend=counter)
     frames_per_stage = []
     for step in range(9):

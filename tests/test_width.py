@@ -11,7 +11,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import raptr_fx
 from raptr_fx import RaPTr, RaptrError, Stage, WidthRaPTr, find_width_groups, transform
 from tests.distributed import run_ranks
-from tests.fixtures.models import GPT, ResNet, ViT, images, tokens
+from tests.fixtures.models import (GPT, FusedAttentionStack, GroupedFusedAttention, HeadScaledAttention,
+                                   PerHeadFusedAttention, ResNet, ViT, features, images, tokens)
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -36,13 +37,18 @@ def by_name(groups):
 
 
 # -- groups found --------------------------------------------------------------------------------
-def test_nanogpt_mlp_found_and_fused_heads_refused_with_the_op():
+def test_nanogpt_mlp_and_fused_heads_found_with_the_sizes_to_rewrite():
     groups = by_name(find_width_groups(GPT(n_layer=2), tokens()))
     mlp = groups["transformer.h.0.mlp:mlp"]
     assert mlp.droppable and mlp.size == 64 and mlp.parts == 64
     assert mlp.modules == ("transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj")
     heads = groups["transformer.h.0.attn:heads"]
-    assert not heads.droppable and "fused projection (transformer.h.0.attn.c_attn)" in heads.reason
+    assert heads.droppable and heads.size == heads.parts == 2
+    assert heads.modules == ("transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj")
+    assert heads.part_widths == (24, 8) and heads.rewrite.segments == (8, 8, 8)  # q, k, v rows per head
+    # split(c), the three views to self.heads and the last view(b, t, c)
+    assert heads.rewrite.module == "transformer.h.0.attn"
+    assert [name for name, _, _ in heads.rewrite.resized] == ["split", "view", "view_1", "view_2", "view_3"]
     assert list(groups) == ["transformer.h.0.attn:heads", "transformer.h.0.mlp:mlp",
                             "transformer.h.1.attn:heads", "transformer.h.1.mlp:mlp"]
 
@@ -69,7 +75,8 @@ def test_gpt2_conv1d_mlp_bert_across_modules_t5_heads_refused():
                                                                 n_positions=32))
     groups = by_name(find_width_groups(gpt2, hf_inputs()))
     assert groups["transformer.h.0.mlp:mlp"].droppable and groups["transformer.h.0.mlp:mlp"].size == 64
-    assert "fused projection (transformer.h.0.attn.c_attn)" in groups["transformer.h.0.attn:heads"].reason
+    heads = groups["transformer.h.0.attn:heads"]
+    assert "fused projection (transformer.h.0.attn.c_attn)" in heads.reason and not heads.droppable
 
     bert = transformers.BertModel(transformers.BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2,
                                                           num_attention_heads=2, intermediate_size=32))
@@ -148,7 +155,8 @@ def test_inverse_scaling_scales_the_consumer_before_its_bias():
     torch.manual_seed(0)
     model = GPT(n_layer=1)
     mlp = copy.deepcopy(model.transformer.h[0].mlp)
-    ctl = transform(model, WidthRaPTr("0.25-1", total_steps=2, width_scaling="inverse"), example_inputs=tokens())
+    ctl = transform(model, WidthRaPTr("0.25-1", total_steps=2, width_scaling="inverse", width_kinds=("mlp",)),
+                    example_inputs=tokens())
     kept = ctl._cuts.kept[0]
     x = torch.randn(2, 8, 16)
     expected = (torch.nn.functional.gelu(x @ mlp.c_fc.weight[kept].T + mlp.c_fc.bias[kept])
@@ -212,7 +220,7 @@ def test_without_freezing_parts_not_kept_would_move():
 def test_closure_optimizer_keeps_parts_not_kept_with_attach_alone():
     """step(closure) runs the backward inside the step: the freeze must not depend on gradients."""
     model = GPT(n_layer=1)
-    ctl = transform(model, WidthRaPTr("0.5-1", total_steps=4), example_inputs=tokens())
+    ctl = transform(model, WidthRaPTr("0.5-1", total_steps=4, width_kinds=("mlp",)), example_inputs=tokens())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
     ctl.attach(optimizer)
     for _ in range(2):
@@ -233,7 +241,7 @@ def test_closure_optimizer_keeps_parts_not_kept_with_attach_alone():
 def test_meta_device_init_and_assign_loading_are_followed():
     with torch.device("meta"):
         model = GPT(n_layer=2)
-    ctl = transform(model, WidthRaPTr("0.5-1", total_steps=4), example_inputs=tokens())
+    ctl = transform(model, WidthRaPTr("0.5-1", total_steps=4, width_kinds=("mlp",)), example_inputs=tokens())
     model.to_empty(device="cpu")
     for module in model.modules():
         if hasattr(module, "reset_parameters"):
@@ -250,6 +258,143 @@ def test_meta_device_init_and_assign_loading_are_followed():
     assert weight is model.get_parameter("transformer.h.0.mlp.c_fc.weight") and weight.grad is not None
     assert torch.equal(weight[dropped], fresh["transformer.h.0.mlp.c_fc.weight"][dropped])
     assert not torch.equal(weight, fresh["transformer.h.0.mlp.c_fc.weight"])
+
+
+# -- fused q, k, v: heads cut through a rewrite of the attention module's graph ------------------------
+FUSED = {  # name -> (model, inputs, its first attention module, the projections' names in it)
+    "nanogpt": (lambda: GPT(n_layer=2), tokens, "transformer.h.0.attn", ("c_attn", "c_proj")),
+    "timm": (lambda: FusedAttentionStack(), features, "blocks.0.attn", ("qkv", "proj")),
+    "neox": (lambda: FusedAttentionStack(PerHeadFusedAttention), features, "blocks.0.attn", ("query_key_value", "dense")),
+}
+
+
+def _fused_rows(group, heads, head_dim):
+    """The fused projection's rows of ``heads``: in each of q, k and v, or each head's q, k, v block."""
+    if group.rewrite.segments:
+        return [s * group.parts * head_dim + h * head_dim + i for s in range(3) for h in heads for i in range(head_dim)]
+    return [h * 3 * head_dim + i for h in heads for i in range(3 * head_dim)]
+
+
+@pytest.fixture(params=list(FUSED))
+def fused(request):
+    make, inputs, attention, projections = FUSED[request.param]
+    torch.manual_seed(0)
+    return make(), inputs(), attention, projections
+
+
+def _heads_only(model, inputs, stages="0.5-1", steps=4):
+    return transform(model, WidthRaPTr(stages, total_steps=steps, width_kinds=("heads",)), seed=1,
+                     example_inputs=inputs)
+
+
+def _embedded(model, inputs, attention):
+    """What the attention module receives (its input, recorded by a hook)."""
+    seen = []
+    handle = model.get_submodule(attention).register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    model(*inputs)
+    handle.remove()
+    return seen[0]
+
+
+def test_fused_heads_compute_exactly_the_kept_heads(fused):
+    """The rewritten attention equals the attention of the kept heads written out by hand: rows of
+    each of q, k and v, the columns of the output projection."""
+    model, inputs, attention, (fused_name, out_name) = fused
+    ctl = _heads_only(model, inputs)
+    group = by_name(ctl.width_groups)[f"{attention}:heads"]
+    kept = ctl._cuts.kept[ctl.width_groups.index(group)]
+    assert group.droppable and len(kept) == group.parts // 2
+    module = model.get_submodule(attention)
+    qkv, out = getattr(module, fused_name), getattr(module, out_name)
+    head_dim = qkv.out_features // (3 * group.parts)
+    rows = _fused_rows(group, kept, head_dim)
+    columns = [h * head_dim + i for h in kept for i in range(head_dim)]
+    x = _embedded(model, inputs, attention).detach()
+    b, t, _ = x.shape
+    projected = torch.nn.functional.linear(x, qkv.weight[rows], qkv.bias[rows])
+    if group.rewrite.segments:  # q, k, v one after another
+        q, k, v = (part.view(b, t, len(kept), head_dim).transpose(1, 2) for part in projected.chunk(3, dim=-1))
+    else:  # each head's q, k, v together
+        q, k, v = projected.view(b, t, len(kept), 3 * head_dim).transpose(1, 2).chunk(3, dim=-1)
+    if not hasattr(module, "q_norm"):  # nanoGPT, NeoX: causal scaled_dot_product_attention
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    else:  # timm: q/k norms, softmax(q k^T scale) v
+        y = ((module.q_norm(q) * module.scale) @ module.k_norm(k).transpose(-2, -1)).softmax(-1) @ v
+    expected = torch.nn.functional.linear(y.transpose(1, 2).reshape(b, t, -1), out.weight[:, columns], out.bias)
+    torch.testing.assert_close(module(x), expected)
+
+
+def test_fused_heads_at_half_width_halve_the_attention_flops(fused):
+    model, inputs, attention, _ = fused
+
+    def flops():
+        with FlopCounterMode(display=False) as counter:
+            model(*inputs).pow(2).mean().backward()
+        return sum(counter.get_flop_counts()[f"{type(model).__name__}.{attention}"].values())
+
+    ctl = _heads_only(model, inputs)
+    cut = flops()
+    ctl.remove()
+    assert cut == pytest.approx(flops() / 2, rel=0.02)
+
+
+def test_fused_heads_eval_full_width_and_remove_run_the_original_forward(fused):
+    model, inputs, attention, _ = fused
+    reference = copy.deepcopy(model)
+    ctl = _heads_only(model, inputs, steps=2)
+    assert model.get_submodule(attention).__dict__["forward"].__func__ is raptr_fx.cutting._heads_forward
+    model.train()
+    assert model(*inputs).shape == reference(*inputs).shape
+    assert not torch.equal(model(*inputs), reference(*inputs))  # half the heads
+    model.eval(), reference.eval()
+    assert torch.equal(model(*inputs), reference(*inputs))
+    ctl.step()  # stage 2: every head
+    model.train(), reference.train()
+    assert torch.equal(model(*inputs), reference(*inputs))
+    assert list(model.state_dict()) == list(reference.state_dict())
+    ctl.remove()
+    assert not any("forward" in m.__dict__ or "_raptr_heads" in m.__dict__ for m in model.modules())
+
+
+def test_fused_heads_not_kept_are_bitwise_unchanged_after_adamw(fused):
+    model, inputs, attention, (fused_name, out_name) = fused
+    ctl = _heads_only(model, inputs, "0.5-1", steps=6)  # 3 steps at half the heads
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    ctl.attach(optimizer)
+    module = model.get_submodule(attention)
+    qkv, out = getattr(module, fused_name), getattr(module, out_name)
+    g = [grp.name for grp in ctl.width_groups].index(f"{attention}:heads")
+    heads, head_dim = ctl.width_groups[g].parts, out.in_features // ctl.width_groups[g].parts
+    for _ in range(3):
+        kept = ctl._cuts.kept[g]
+        dropped = sorted(set(range(heads)) - set(kept))
+        rows = lambda hs: _fused_rows(ctl.width_groups[g], hs, head_dim)  # noqa: E731
+        columns = [h * head_dim + i for h in dropped for i in range(head_dim)]
+        before = [qkv.weight[rows(dropped)].clone(), qkv.bias[rows(dropped)].clone(), out.weight[:, columns].clone()]
+        kept_before = qkv.weight[rows(kept)].clone()
+        moment = lambda: optimizer.state[qkv.weight]["exp_avg"][rows(dropped)].clone()  # noqa: E731
+        moment_before = moment() if optimizer.state else torch.zeros_like(before[0])
+        model(*inputs).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        after = [qkv.weight[rows(dropped)], qkv.bias[rows(dropped)], out.weight[:, columns]]
+        assert all(torch.equal(a, b) for a, b in zip(before, after))
+        assert torch.equal(moment(), moment_before)
+        assert not torch.equal(kept_before, qkv.weight[rows(kept)])  # the kept heads did train
+
+
+@pytest.mark.parametrize("attention, op", [
+    (GroupedFusedAttention, "segments differ in size ([8, 4, 4] rows per key/value head): a grouped key/value "
+                            "fused layout is not supported"),
+    (HeadScaledAttention, "`mul` at `attn = ((q @ k.transpose(-2, -1)) * self.head_scale).softmax(dim=-1)` "
+                          "combines the heads with head_scale"),
+])
+def test_fused_heads_the_rewrite_cannot_follow_are_refused_with_the_op(attention, op):
+    groups = by_name(find_width_groups(FusedAttentionStack(attention), features()))
+    heads = groups["blocks.0.attn:heads"]
+    assert not heads.droppable and heads.rewrite is None
+    assert "fused projection (blocks.0.attn.qkv); its heads cannot be cut" in heads.reason and op in heads.reason
+    assert groups["blocks.0.mlp:mlp"].droppable
 
 
 # -- schedules, controller ---------------------------------------------------------------------------
@@ -336,7 +481,8 @@ def _ddp_worker(rank: int, out_dir: str) -> dict:
     decisions, frozen = [], []
     for _ in range(4):
         decisions.append([ctl.active, [k for k in ctl._cuts.kept]])
-        fc = [(i, model.transformer.h[i].mlp.c_fc.weight, k) for i, k in enumerate(ctl._cuts.kept) if k]
+        fc = [(g.unit, model.get_submodule(g.unit).mlp.c_fc.weight, k)  # heads are cut too: skip them here
+              for g, k in zip(ctl.width_groups, ctl._cuts.kept) if k and g.kind == "mlp"]
         before = [(w.detach().clone(), sorted(set(range(64)) - set(k))) for _, w, k in fc]
         idx = torch.randint(0, 64, (2, 8), generator=generator)
         torch.nn.functional.cross_entropy(ddp(idx).flatten(0, 1), idx.flatten()).backward()
@@ -366,8 +512,9 @@ def _width_train(model, ctl, inputs) -> tuple[list, list]:
     ctl.attach(optimizer)
     kept, frozen = [], []
     mlp = model.transformer.h[0].mlp
+    first_mlp = [g.name for g in ctl.width_groups].index("transformer.h.0.mlp:mlp")  # heads are cut too
     for step in range(6):
-        parts = ctl._cuts.kept[0]
+        parts = ctl._cuts.kept[first_mlp]
         kept.append(parts)
         dropped = [] if parts is None else sorted(set(range(64)) - set(parts))
         before = (full(mlp.c_fc.weight)[dropped].clone(), full(mlp.c_proj.weight)[:, dropped].clone())
