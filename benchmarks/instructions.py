@@ -36,7 +36,8 @@ dynamo and loads the compiled graphs from those caches, outside the counted step
 AVX2 code here (``cpp.simdlen = 256``, ``-march=x86-64-v3``) in both processes: valgrind runs no
 AVX-512, and the caches match only under the same settings.
 
-    python benchmarks/instructions.py            # every case, ~40 min on one core
+    python benchmarks/instructions.py            # eager, narrow, compiled: ~30 min on one core
+    python benchmarks/instructions.py --cases wide   # width at 256 rows: ~25 min more
     python benchmarks/instructions.py --quick    # a tiny model, eager all-on only: a smoke test (~3 min:
                                                  # valgrind and torch's start-up alone take most of it)
 """
@@ -259,9 +260,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a tiny model, eager all-on only: a smoke test")
     parser.add_argument("--steps", type=int, default=5, help="counted steps per variant (the counts are per step)")
-    parser.add_argument("--cases", default="eager,narrow,compiled,wide",
+    parser.add_argument("--cases", default="eager,narrow,compiled",
                         help="eager (all-on, k of L, width), narrow (48 units), compiled (all-on, both modes) "
-                             f"and/or wide (width at {WIDE_BATCH} rows)")
+                             f"and/or wide (width at {WIDE_BATCH} rows, ~25 min: not in the default)")
     parser.add_argument("--profile", action="store_true", help="print the functions behind each gap")
     args = parser.parse_args()
     if args.quick:
