@@ -19,7 +19,11 @@ Cases, on a residual MLP (blocks ``x + proj(gelu(fc(norm(x))))``, hidden 4 x wid
    difference is raptr_fx's host work; its share of the step. Target: at most 1%.
 4. width: every MLP keeping f = 0.5 of its hidden units against a model built with f x H hidden
    units. Target: at most 1.05x. The freeze (parts not kept written back after the step) is counted
-   on its own, from the same cut without it.
+   on its own, from the same cut without it. The eager case counts it at 16 rows per step; the
+   ``wide`` case the same model at 256 rows (WIDE_BATCH). A cut's extra work (gathering the kept
+   rows and columns, the full-size gradient, the freeze) grows with the weights, not with the rows,
+   while the matmuls it shrinks grow with the rows: 16 rows is the harshest case, and far from the
+   thousands of tokens a transformer's step runs, so both are shown.
 
 What raptr_fx adds on the host comes from the same counts: the eager gates without the optimizer
 hooks against the untransformed model (per gate), and with the hooks and the controller's step
@@ -32,7 +36,8 @@ dynamo and loads the compiled graphs from those caches, outside the counted step
 AVX2 code here (``cpp.simdlen = 256``, ``-march=x86-64-v3``) in both processes: valgrind runs no
 AVX-512, and the caches match only under the same settings.
 
-    python benchmarks/instructions.py            # every case, ~30 min on one core
+    python benchmarks/instructions.py            # eager, narrow, compiled: ~30 min on one core
+    python benchmarks/instructions.py --cases wide   # width at 256 rows: ~25 min more
     python benchmarks/instructions.py --quick    # a tiny model, eager all-on only: a smoke test (~3 min:
                                                  # valgrind and torch's start-up alone take most of it)
 """
@@ -256,7 +261,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a tiny model, eager all-on only: a smoke test")
     parser.add_argument("--steps", type=int, default=5, help="counted steps per variant (the counts are per step)")
     parser.add_argument("--cases", default="eager,narrow,compiled",
-                        help="eager (all-on, k of L, width), narrow (48 units) and/or compiled (all-on, both modes)")
+                        help="eager (all-on, k of L, width), narrow (48 units), compiled (all-on, both modes) "
+                             f"and/or wide (width at {WIDE_BATCH} rows, ~25 min: not in the default)")
     parser.add_argument("--profile", action="store_true", help="print the functions behind each gap")
     args = parser.parse_args()
     if args.quick:
@@ -321,6 +327,19 @@ def main() -> None:
                   None)]
         if args.profile:
             notes.append(top_functions(counts, "k-of-L", "built-k"))
+    if "wide" in cases:
+        wide = replace(base, batch=WIDE_BATCH)
+        counts = run_group("wide", {"width": replace(wide, kind="width", fraction=f),
+                                    "width-unfrozen": replace(wide, kind="width-unfrozen", fraction=f),
+                                    "built-f": replace(wide, kind="built", fraction=f)}, args.steps)
+        notes.append(f"width f={f} at {WIDE_BATCH} rows: the freeze costs {share(counts, 'width', 'width-unfrozen'):.2%} "
+                     f"of the cut step; the cut without it is {ratio(counts, 'width-unfrozen', 'built-f'):.4f}x the "
+                     f"model built at f")
+        rows += [(f"width f={f}, {WIDE_BATCH} rows: cut / built at f", ratio(counts, "width", "built-f"), 1.05),
+                 (f"width f={f}, {WIDE_BATCH} rows: cut without the freeze / built at f",
+                  ratio(counts, "width-unfrozen", "built-f"), None)]
+        if args.profile:
+            notes.append(top_functions(counts, "width", "built-f"))
     if "compiled" in cases:
         counts = run_group("compiled", {"untransformed": replace(base, compiled="model"),
                                         "regional": replace(base, kind="all-on", compiled="regional"),
@@ -336,6 +355,7 @@ def main() -> None:
 
 
 NARROW_UNITS = 48
+WIDE_BATCH = 256  # rows per step of the wide width case
 
 if __name__ == "__main__":
     main()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from typing import Any, Callable, Iterable, Sequence
+from itertools import chain, compress, repeat
+from operator import attrgetter, contains, gt, is_not, lt
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -26,6 +28,19 @@ log = logging.getLogger("raptr_fx")
 _WIDTH_STREAM = 0x5EED_0F_1D7  # offsets the width draws' seeds from the depth draws' seeds
 
 ScalingRule = str | Callable[[float], float]
+
+# The per-step checks over every unit run as C loops (map, compress) over lists kept beside the gates
+# (Controller._watch_gates):
+# a Python loop costs a few thousand instructions per unit and step, which on a deep, narrow model
+# (48 units, 32 rows of width 64) was about 1.7% of the step (benchmarks/instructions.py). Modules'
+# attributes are read from their instance dicts (``vars``): getattr on a module goes through
+# nn.Module's __getattr__ hook, several times the cost of a dict look-up. Even so, each element a C
+# loop visits costs a few hundred instructions in this interpreter: what is left is mostly per unit.
+_TRAINING = attrgetter("training")  # not from vars: torch.compile's OptimizedModule makes it a property
+
+
+def _dict_items(dicts: Iterable[dict], key: str) -> Iterator[Any]:
+    return map(dict.__getitem__, dicts, repeat(key))
 
 
 class Controller:
@@ -51,6 +66,9 @@ class Controller:
         self.seed = seed
         self.scaling = _scaling_function(scaling)
         self._state = GateState(len(self.blocks), compile_mode, compile_options)
+        self._unscaled = scaling == "none"  # every kept unit's factor is 1: no per-unit call
+        self._generator = torch.Generator()  # seeded anew for every draw: decisions come from (seed, step) alone
+        self._exact_pool: tuple[Schedule, list[float], list[int], int, list[bool]] | None = None  # see _sample
         self._cuts = CutState(self.width_groups)
         self._frozen_parts = FrozenParts(self._cuts, lambda: set(self.active_blocks))
         self._hooks: list[Any] = []
@@ -65,6 +83,7 @@ class Controller:
             if schedule.gates_depth:
                 for i, b in enumerate(self.blocks):
                     self._gates.append(install_gate(model, b, i, self._state, scaled=scaling != "none"))
+            self._watch_gates()
             self._cut_forwards = install_cuts(model, self.width_groups, self._cuts,
                                               scaled=schedule.width_scaling != "none")
             self._apply()
@@ -87,11 +106,32 @@ class Controller:
         ``torch.compile`` or activation checkpointing applied to a block after ``transform`` would
         otherwise hold the gate inside: a skipped unit would still enter the wrapper, and a gate that
         breaks the graph inside a checkpoint makes dynamo give up on the whole block. Checked when an
-        optimizer is attached and at every step (two dict look-ups per unit).
+        optimizer is attached and at every step (``GatedForward.displaced`` for every unit at once).
         """
+        # Each parent's children, names and modules in order, as when the gates were last placed: then every
+        # slot still holds its gate's module (C list copies and comparisons, identity first: no call per unit).
+        unchanged = all(list(modules) == names and list(modules.values()) == held for modules, names, held in
+                        zip(_dict_items(self._slot_parents, "_modules"), self._parent_names, self._parent_modules))
+        if unchanged and not any(map(contains, self._gate_dicts_on_forward, repeat("_compiled_call_impl"))):
+            return
         for i, gate in enumerate(self._gates):
             if gate.displaced():
                 self._gates[i] = move_gate(self.model, gate)
+        self._watch_gates()
+
+    def _watch_gates(self) -> None:
+        """The lists the per-step checks read (see _TRAINING), built again whenever a gate moves."""
+        gates = self._gates
+        parents = list({id(g.slot[0]): g.slot[0] for g in gates}.values())
+        self._slot_parents = [vars(parent) for parent in parents]
+        self._parent_names = [list(parent._modules) for parent in parents]
+        self._parent_modules = [list(parent._modules.values()) for parent in parents]
+        self._gate_modules = [g.module for g in gates]
+        # displaced()'s second question, asked only of gates standing on ``forward``
+        self._gate_dicts_on_forward = [vars(g.module) for g in gates if g.place == "forward"]
+        # where each unit's parameters live (GatedForward.parameters looks them up the same way)
+        self._parameter_owners = [[vars(owner) for owner, _ in g.slots] for g in gates]
+        self._parameter_names = [[name for _, name in g.slots] for g in gates]
 
     # -- the step ------------------------------------------------------------------------
     def step(self) -> None:
@@ -108,7 +148,10 @@ class Controller:
     def _apply(self) -> None:
         keep_p = self.schedule.keep_probabilities(self._step, len(self.blocks))
         keep = self._sample(keep_p)
-        scale = [self.scaling(p) if k and p < 1.0 else 1.0 for k, p in zip(keep, keep_p)]
+        if self._unscaled:
+            scale = [1.0] * len(keep)
+        else:
+            scale = [self.scaling(p) if k and p < 1.0 else 1.0 for k, p in zip(keep, keep_p)]
         self._state.set(keep, scale)
         if self.width_groups:
             kept = self._sample_width(self.schedule.width_fraction(self._step))
@@ -142,16 +185,27 @@ class Controller:
     def _sample(self, keep_p: list[float]) -> list[bool]:
         if all(p >= 1.0 for p in keep_p):  # every unit runs (FullModel, a full last stage): both draws keep all
             return [True] * len(keep_p)
-        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self._step) % (2**63))
+        generator = self._generator.manual_seed((self.seed * 1_000_003 + self._step) % (2**63))
         if self.schedule.sampling == "exact":
+            free, count, keep = self._exact_pool_for(keep_p)
+            # p * |free| units drawn without replacement: constant cost, balanced across ranks.
+            keep = keep.copy()  # the fixed units on
+            for j in torch.randperm(len(free), generator=generator).tolist()[:count]:
+                keep[free[j]] = True
+            return keep
+        draws = torch.rand(len(keep_p), generator=generator).tolist()
+        return list(map(lt, draws, keep_p))
+
+    def _exact_pool_for(self, keep_p: list[float]) -> tuple[list[int], int, list[bool]]:
+        """The units an exact draw picks from (all but the schedule's fixed ones), how many it picks, and
+        the decisions with only the fixed units on; worked out again only when the probabilities change."""
+        pool = self._exact_pool
+        if pool is None or pool[0] is not self.schedule or pool[1] != keep_p:
             fixed = self.schedule.fixed(len(keep_p))
             free = [i for i in range(len(keep_p)) if i not in fixed]
-            # p * |free| units drawn without replacement: constant cost, balanced across ranks.
-            count = round(sum(keep_p[i] for i in free))
-            chosen = {free[j] for j in torch.randperm(len(free), generator=generator)[:count].tolist()}
-            return [i in fixed or i in chosen for i in range(len(keep_p))]
-        draws = torch.rand(len(keep_p), generator=generator).tolist()
-        return [u < p for u, p in zip(draws, keep_p)]
+            pool = self._exact_pool = (self.schedule, list(keep_p), free, round(sum(keep_p[i] for i in free)),
+                                       [i in fixed for i in range(len(keep_p))])
+        return pool[2], pool[3], pool[4]
 
     # -- what users read -------------------------------------------------------------------
     @property
@@ -317,16 +371,20 @@ class Controller:
 
         Units in eval mode ran whole (the gates are off there), so their gradients are real and kept.
         """
-        dropped = [not k and gate.module.training for gate, k in zip(self._gates, self._state.keep)]
+        # training > keep: in training mode and not kept (booleans); C loops over the units, see _TRAINING.
+        dropped = list(map(gt, map(_TRAINING, self._gate_modules), self._state.keep))
         if not any(dropped):
             return
         running = ({id(p) for gate, d in zip(self._gates, dropped) if not d for p in gate.parameters()}
                    if self._units_share_parameters else set())
-        for gate, d in zip(self._gates, dropped):
-            if d:
-                for p in gate.parameters():
-                    if id(p) not in running:
-                        p.grad = None
+        # GatedForward.parameters() of the dropped units, looked up as it does, and only those holding a
+        # gradient visited in Python (a skipped unit's parameters usually have none: nothing to release).
+        owners = chain.from_iterable(compress(self._parameter_owners, dropped))
+        names = chain.from_iterable(compress(self._parameter_names, dropped))
+        params = list(map(dict.get, _dict_items(owners, "_parameters"), names))  # None: no such parameter now
+        for p in compress(params, map(is_not, map(getattr, params, repeat("grad"), repeat(None)), repeat(None))):
+            if p.requires_grad and id(p) not in running:
+                p.grad = None
 
     def freeze_for_step(self, optimizer: Any) -> None:
         """Do again, after the backward, what ``attach(freeze_dropped=True)`` does before ``optimizer.step()``.
@@ -391,7 +449,7 @@ class Controller:
 
     def watched_modules(self) -> list[nn.Module]:
         """The modules whose forward raptr_fx replaced: gated units and cut projections."""
-        return [g.module for g in self._gates] + [c.module for c in self._cut_forwards]
+        return self._gate_modules + [c.module for c in self._cut_forwards]
 
 
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:

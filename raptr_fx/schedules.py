@@ -19,6 +19,7 @@ WidthRaPTr "0.5-0.67-0.83-1" 1 (each width group keeps f of parts)  none
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass, field, replace
 from typing import Literal, Sequence
@@ -138,6 +139,9 @@ class RaPTr(Schedule):
     width_kinds: tuple[str, ...] = ("mlp", "heads")  # which width groups the width stages cut
     width_scaling: Scaling = "none"  # see README: no scaling measured better for width
     resolved: tuple[Stage, ...] = field(init=False, repr=False)
+    # Asked at every step: the stages' end steps, and keep probabilities per (stage, L), worked out once.
+    _ends: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    _keep_cache: dict[tuple[int, int], tuple[float, ...]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self._check_width_options()
@@ -165,6 +169,8 @@ class RaPTr(Schedule):
             if self.total_steps is not None and covered != self.total_steps:
                 raise ValueError(f"stages cover {covered} steps but total_steps={self.total_steps}")
         object.__setattr__(self, "resolved", self._with_width(resolved))
+        object.__setattr__(self, "_ends", tuple(end for _, end in self.stage_bounds()))
+        object.__setattr__(self, "_keep_cache", {})
         self._refuse_shrinking()
         if not isinstance(self.fixed_units, str):
             indices = tuple(self.fixed_units) if isinstance(self.fixed_units, (list, tuple, range, set)) else None
@@ -262,15 +268,17 @@ class RaPTr(Schedule):
         return bounds
 
     def stage_index(self, step: int) -> int:
-        for i, (_, end) in enumerate(self.stage_bounds()):
-            if step < end:
-                return i
-        return len(self.resolved) - 1  # past the end: keep training with the last stage
+        # The first stage whose end is past ``step``; past the end: keep training with the last stage.
+        return min(bisect.bisect_right(self._ends, step), len(self.resolved) - 1)
 
     def keep_probabilities(self, step: int, num_units: int) -> list[float]:
-        p = self.stage_keep(self.resolved[self.stage_index(step)], num_units)
-        fixed = self.fixed(num_units)
-        return [1.0 if i in fixed else p for i in range(num_units)]
+        key = (self.stage_index(step), num_units)
+        keep = self._keep_cache.get(key)
+        if keep is None:
+            p = self.stage_keep(self.resolved[key[0]], num_units)
+            fixed = self.fixed(num_units)
+            keep = self._keep_cache[key] = tuple(1.0 if i in fixed else p for i in range(num_units))
+        return list(keep)
 
     def describe(self) -> str:
         if isinstance(self.stages, str):
