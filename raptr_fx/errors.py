@@ -36,7 +36,10 @@ def describe_value(value: Any) -> str:
         items = ", ".join(describe_value(v) for v in value)
         return f"({items},)" if isinstance(value, tuple) and len(value) == 1 else (
             f"({items})" if isinstance(value, tuple) else f"[{items}]")
-    text = repr(value)
+    try:
+        text = repr(value)
+    except Exception:  # e.g. a flex-attention BlockMask on the meta device: its repr reads values
+        return type(value).__name__
     return f"{type(value).__name__} {text[:40] + '...' if len(text) > 40 else text}"
 
 

@@ -202,6 +202,11 @@ def test_pass_through_ops_keep_the_stream():
 
 
 # --- bad example inputs (issue 8, part 5) --------------------------------------------------------
+class Unprintable:
+    def __repr__(self) -> str:
+        raise RuntimeError("Tensor.item() cannot be called on meta tensors")
+
+
 @pytest.mark.parametrize("inputs, shown, error", [
     ((torch.zeros(2, 8),), "model(tensor[2, 8] float32)", "RuntimeError: Expected tensor for argument #1 'indices'"),
     ("hello", "model(str 'hello')", "AttributeError: 'str' object has no attribute 'size'"),
@@ -210,7 +215,10 @@ def test_pass_through_ops_keep_the_stream():
     # the real pass's error: fake tensors word it differently, and are only a first try
     ((torch.zeros(2, 8, 3, dtype=torch.long),), "model(tensor[2, 8, 3] int64)",
      "RuntimeError: The size of tensor a (3) must match the size of tensor b (8)"),
-], ids=["float ids", "string", "dict for a tensor", "extra dimension"])
+    # an input whose repr raises (a flex-attention BlockMask on the meta device): named by its type
+    ((torch.zeros(2, 8, dtype=torch.long), Unprintable()), "model(tensor[2, 8] int64, Unprintable)",
+     "TypeError: GPT.forward() takes 2 positional arguments but 3 were given"),
+], ids=["float ids", "string", "dict for a tensor", "extra dimension", "unprintable input"])
 def test_bad_example_inputs_give_one_error(inputs, shown, error):
     from raptr_fx.errors import ExampleInputsError
     from raptr_fx.gates import GatedForward

@@ -1,10 +1,11 @@
-"""Trainer integrations: RaPTr in one line for Hugging Face ``Trainer`` and Lightning.
+"""Trainer integrations: RaPTr in one line for Hugging Face ``Trainer``, Lightning and torchtitan.
 
 Nothing here is imported by ``import raptr_fx``, and importing this package imports no
 framework: each integration lives in its own module and imports its framework itself.
 
     from raptr_fx.integrations.transformers import RaPTrCallback        # Hugging Face Trainer
     from raptr_fx.integrations.lightning import RaPTrLightningCallback   # Lightning
+    from raptr_fx.integrations.torchtitan import RaPTrConverter          # torchtitan (a model converter)
 
 ``from raptr_fx.integrations import RaPTrCallback`` works too (imported on first access).
 """
@@ -14,11 +15,12 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["RaPTrCallback", "RaPTrLightningCallback"]
+__all__ = ["RaPTrCallback", "RaPTrConverter", "RaPTrLightningCallback"]
 
 _LAZY = {
     "RaPTrCallback": "raptr_fx.integrations.transformers",
     "RaPTrLightningCallback": "raptr_fx.integrations.lightning",
+    "RaPTrConverter": "raptr_fx.integrations.torchtitan",
 }
 
 
