@@ -42,10 +42,10 @@ DropRule = Literal["identity", "zero"]
 _SHAPE_KEEPING = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.modules.batchnorm._NormBase)
 # What may run on a skipped branch's zeros after the unit, keeping them zeros: a layer scale
 # (``gamma * f(x)``), reshapes and casts, dropout, activations with f(0) = 0.
-_ZERO_KEEPING = {"mul", "mul_", "rmul", "neg", "getitem", "to", "_to_copy", "alias", "clone", "contiguous", "detach", "type",
-                 "float", "half", "bfloat16", "view", "reshape", "_unsafe_view", "flatten", "unflatten", "permute",
-                 "transpose", "t", "unsqueeze", "squeeze", "expand", "dropout", "native_dropout", "relu", "gelu",
-                 "silu", "tanh"}
+_ZERO_KEEPING = {"mul", "mul_", "rmul", "neg", "getitem", "to", "_to_copy", "alias", "clone", "contiguous",
+                 "detach", "type", "float", "half", "bfloat16", "view", "reshape", "_unsafe_view", "flatten",
+                 "unflatten", "permute", "transpose", "t", "unsqueeze", "squeeze", "expand", "dropout",
+                 "native_dropout", "relu", "gelu", "silu", "tanh"}
 _ZERO_KEEPING_MODULES = (nn.Identity, nn.modules.dropout._DropoutNd, nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh)
 
 
