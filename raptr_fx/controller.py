@@ -15,8 +15,8 @@ from .cutting import (Cut, CutState, FrozenParts, install_cuts, is_cut, is_dtens
                       tensor_parallel_width_error)
 from .discovery import Block, Discovery, discover, no_blocks_error
 from .errors import RaptrError
-from .gates import (CompileMode, GatedForward, GateState, check_compile_mode, gate_of, install_gate, move_gate,
-                    remove_gates)
+from .gates import (CompileFallbackCheck, CompileMode, GatedForward, GateState, check_compile_mode, gate_of,
+                    install_gate, move_gate, remove_gates)
 from .schedules import RaPTr, Schedule, StagePlan, overall_compute, plan
 from .usage import UsageMonitor
 from .width import WidthGroup, discovery_inputs, width_groups
@@ -98,6 +98,7 @@ class Controller:
         self._updated = [False] * len(self._gates)  # units whose parameters an optimizer has state for
         self._updated_loaded = False  # _updated comes from a checkpoint: see _forget_placeholder_state
         self._usage = UsageMonitor(self)
+        self._check_compile_fallback = CompileFallbackCheck()
         self._state.follow_wrappers = self._follow_wrappers
 
     def _follow_wrappers(self) -> None:
@@ -140,6 +141,7 @@ class Controller:
         self._step += 1
         self._follow_wrappers()
         self._apply()
+        self._check_compile_fallback()
         if self.stage != previous:
             row = self.plan()[self.stage]
             log.info("raptr_fx: step %d enters stage %d: %.1f of %d units active, %.0f%% of unit compute",

@@ -25,6 +25,7 @@ skipped, the module returns zeros shaped like its input instead of running.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Any, Callable, Literal
 
@@ -360,6 +361,34 @@ def _gate_outside_graph(gate: GatedForward, args: tuple, kwargs: dict) -> Any:
         gate.graphs_checked = True
         _warn_if_each_unit_compiles_its_own_graph(gate)
     return out
+
+
+class CompileFallbackCheck:
+    """Warns once when dynamo gave up compiling a frame because of a gate it met where the graph
+    cannot break: a ``torch.utils.checkpoint.checkpoint(block, x)`` written in the model's forward
+    puts the gate inside checkpoint's higher-order op, and dynamo then runs the whole loop eagerly,
+    telling nobody. Its only trace is dynamo's own ``unimplemented`` counter, read once per step and
+    scanned only when it grew (a dict look-up and a length otherwise)."""
+
+    def __init__(self) -> None:
+        self.seen = 0
+        self.warned = False
+
+    def __call__(self) -> None:
+        utils = sys.modules.get("torch._dynamo.utils")  # never imported here: no compile, nothing to check
+        if self.warned or utils is None:
+            return
+        unimplemented = utils.counters.get("unimplemented")
+        if not unimplemented or len(unimplemented) == self.seen:
+            return
+        self.seen = len(unimplemented)
+        if any(_gate_outside_graph.__name__ in str(key) and "eager" in str(key) for key in unimplemented):
+            self.warned = True
+            warnings.warn(
+                "raptr_fx: torch.compile ran a frame of your model uncompiled: it calls a gated block inside "
+                "torch.utils.checkpoint.checkpoint, where a gate cannot break the graph. Wrap the blocks with "
+                "checkpoint_wrapper (torch.distributed.algorithms._checkpoint.checkpoint_wrapper) instead of "
+                "calling checkpoint in forward, or transform with compile_mode='cond'", RaptrWarning, stacklevel=3)
 
 
 def _warn_if_each_unit_compiles_its_own_graph(gate: GatedForward) -> None:

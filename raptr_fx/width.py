@@ -619,7 +619,7 @@ def _planned(model: nn.Module, group: WidthGroup, measured: Probe) -> WidthGroup
         planned = plan_head_rewrite(modules[request.module], request.module, request.producer, request.consumer,
                                     request.parts, request.segments, group.part_widths[-1],
                                     [modules[m] for m in group.modules], call.arg_shapes,
-                                    modules[group.producers[0]].weight)
+                                    modules[group.cut_targets(0)[0]].weight)
     except Refusal as refusal:
         return replace(group, droppable=False, rewrite=None, reason=f"{fused}; its heads cannot be cut: {refusal}")
     return replace(group, rewrite=planned)

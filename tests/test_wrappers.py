@@ -170,3 +170,32 @@ def test_fullgraph_with_regional_gates_names_the_modes_that_work():
     transform(model, RaPTr("2-3-4", total_steps=STEPS), seed=3)
     with pytest.raises(Exception, match=r"compile_mode='cond'.*torch.compile each block after transform"):
         torch.compile(model, backend="eager", fullgraph=True)(*tokens())
+
+
+class CheckpointInForwardGPT(GPT):
+    """Activation checkpointing written into the model's forward, not applied to its blocks."""
+
+    def forward(self, idx):
+        pos = torch.arange(0, idx.size(1), dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+        return self.lm_head(self.transformer.ln_f(x))
+
+
+@pytest.mark.compile
+def test_checkpoint_in_forward_under_whole_model_compile_warns_that_it_ran_uncompiled():
+    # Dynamo cannot break the graph at a gate inside checkpoint's higher-order op: it runs the
+    # model's loop uncompiled. Nothing in torch says so; the controller's step does.
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = CheckpointInForwardGPT(n_layer=4)
+    ctl = transform(model, RaPTr("2-3-4", total_steps=STEPS), seed=3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ctl.attach(optimizer)
+    compiled = torch.compile(model, backend="aot_eager")
+    with pytest.warns(RaptrWarning, match="ran a frame of your model uncompiled.*checkpoint_wrapper"):
+        for _ in range(2):
+            compiled(*tokens()).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
