@@ -34,6 +34,9 @@ def discovery_table(discovery: Discovery, console: Console) -> None:
     for block in discovery.blocks:
         if not block.droppable:
             console.print(f"[red]x[/red] {block.name} cannot be dropped: {block.reason}")
+    for layer in discovery.replaced:
+        console.print(f"[yellow]>[/yellow] {layer.name} is no unit: {layer.reason}; "
+                      "its residual branches are the units instead")
     totals = summary(discovery)
     console.print(
         f"Units: {totals['droppable_units']} droppable of {totals['units']} found "
