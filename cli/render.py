@@ -36,6 +36,9 @@ def discovery_table(discovery: Discovery, console: Console) -> None:
             console.print(f"[red]x[/red] {block.name} cannot be dropped: {block.reason}")
         elif block.owned:
             console.print(f"{block.name} also owns {_owned(block)}: skipped and frozen with it")
+    for layer in discovery.replaced:
+        console.print(f"[yellow]>[/yellow] {layer.name} is no unit: {layer.reason}; "
+                      "its residual branches are the units instead")
     totals = summary(discovery)
     console.print(
         f"Units: {totals['droppable_units']} droppable of {totals['units']} found "

@@ -18,7 +18,7 @@ skipped, and how its output is rebuilt, is judged in ``skipping.py``.
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import networkx as nx
@@ -92,6 +92,9 @@ class Discovery:
     traced: TracedModel
     residuals: list[Residual]
     probe: str | None = None  # "fake" (fake tensors), "real" (one real forward pass), None (no inputs)
+    # Refused layers whose residual branches are units in their place (a layer taking its stream in a
+    # dict, a projection or scaled shortcut in one sublayer). Not in ``blocks``: no unit overlaps another.
+    replaced: list[Block] = field(default_factory=list)
 
     @property
     def droppable(self) -> list[Block]:
@@ -153,10 +156,12 @@ def discover(
         graph = dataflow_graph(traced)
         residuals = find_residuals(traced, graph)
         links = find_residuals(traced, graph, parameter_free=True)
-        blocks = _Grouping(model, traced, graph, residuals, measured, links).blocks(granularity)
+        grouping = _Grouping(model, traced, graph, residuals, measured, links)
+        blocks = grouping.blocks(granularity)
     blocks = [replace(b, name=real_name(b.name), owned=tuple(map(real_name, b.owned)),
                       owned_before=tuple(map(real_name, b.owned_before)),
                       owned_after=tuple(map(real_name, b.owned_after))) for b in blocks]
+    replaced = [replace(b, name=real_name(b.name)) for b in grouping.replaced]
     return Discovery(
         model_type=type(model).__name__,
         blocks=blocks,
@@ -166,6 +171,7 @@ def discover(
         traced=traced,
         residuals=residuals,
         probe=measured.mode if measured is not None else None,
+        replaced=replaced,
     )
 
 
@@ -202,6 +208,10 @@ class _Grouping:
         self.late_starts: dict[str, str | None] = {}  # module -> why it is no layer, see late_start
         self._fed: set[fx.Node] | None = None  # see fed()
         self._readers: dict[str, list[fx.Node]] | None = None  # see readers()
+        self.candidates: dict[str, list[Residual]] | None = None  # see layer_candidates
+        self.stacks: set[str] = set()  # candidates that are stacks of layers, see stack
+        self.replaced: list[Block] = []  # refused layers whose branches are units instead, see layer_or_inner
+        self.droppable_layers: list[str] | None = None  # branch granularity: what layer granularity gates
         for node, scope in traced.scopes.items():
             for name in scope:
                 self.regions.setdefault(name, set()).add(node)
@@ -227,7 +237,9 @@ class _Grouping:
     # -- identity units ----------------------------------------------------------------
     def layer_candidates(self) -> dict[str, list[Residual]]:
         """Modules whose input is the stream and whose output is the stream after residual updates."""
-        candidates = {}
+        if self.candidates is not None:
+            return self.candidates
+        candidates = self.candidates = {}
         for name in self.regions:
             inside = self.stream_updates(name)
             if not inside or inside[0].origin not in self.inputs(name):
@@ -253,16 +265,13 @@ class _Grouping:
         """The outputs of module ``name`` that carry the stream after its first residual add."""
         return [o for o in self.outputs(name) if o is first_add or first_add in nx.ancestors(self.graph, o)]
 
-    def layer_units(self) -> dict[str, list[Residual]]:
-        """The candidates a user would call layers, with their residual adds."""
-        candidates = self.layer_candidates()
-
-        def strictly_inside(inner: str, outer: str) -> bool:
-            return inner.startswith(outer + ".")
-
+    def layer_units(self, within: str | None = None) -> dict[str, list[Residual]]:
+        """The candidates a user would call layers (inside module ``within``), with their residual adds.
+        Chosen stacks of layers (see :meth:`stack`) are recorded in ``self.stacks``."""
+        candidates = {n: rs for n, rs in self.layer_candidates().items() if within is None or _inside(n, within)}
         own = {}  # candidates with residual adds of their own, not only their children's
         for name, inside in candidates.items():
-            covered = {r for other, rs in candidates.items() if strictly_inside(other, name) for r in rs}
+            covered = {r for other, rs in candidates.items() if _inside(other, name) for r in rs}
             if any(r not in covered for r in inside):
                 own[name] = inside
         chosen: dict[str, list[Residual]] = {}
@@ -270,12 +279,15 @@ class _Grouping:
         # classes (T5Block: self-attention, cross-attention, feed-forward); several units of one
         # class, or an nn.Sequential of them, are a stage of layers (ResNet's layer1), not a layer.
         for name in sorted(candidates, key=lambda n: n.count(".")):
-            if any(strictly_inside(name, c) for c in chosen):
+            if any(_inside(name, c) for c in chosen):
                 continue
-            inner = [o for o in own if strictly_inside(o, name)]
-            maximal = [o for o in inner if not any(strictly_inside(o, p) for p in inner)]
+            inner = [o for o in own if _inside(o, name)]
+            maximal = [o for o in inner if not any(_inside(o, p) for p in inner)]
             if len(maximal) <= 1 and name in own:
                 chosen[name] = own[name]
+                covered = {r for o in maximal for r in candidates[o]}
+                if self.stack(name, [r for r in own[name] if r not in covered], maximal):
+                    self.stacks.add(name)
             elif len(maximal) > 1 and self.sublayers(name, maximal):
                 chosen[name] = candidates[name]
         return chosen
@@ -287,6 +299,28 @@ class _Grouping:
         classes = [type(self.modules[n]) for n in inner if n in self.modules]
         return len(classes) == len(inner) and len(set(classes)) == len(classes)
 
+    def stack(self, name: str, residuals: list[Residual], inner: list[str]) -> bool:
+        """True when module ``name`` holds the residual updates of several entries of one ModuleList or
+        nn.Sequential, entries that repeat (``for attn, ff in self.layers: x = attn(x) + x; ...``): a
+        stack of layers, not a layer, whatever it runs after them (a final norm). Entries of different
+        classes are the sublayers of one layer, as in :meth:`sublayers`."""
+        parts = [self.branch_module(r) for r in residuals] + inner
+        entries = {self.list_entry(name, part.split("@")[0]) for part in parts if part is not None}
+        by_list: dict[str, list[type]] = {}
+        for entry in entries - {None}:
+            by_list.setdefault(entry.rpartition(".")[0], []).append(type(self.modules[entry]))
+        return any(len(set(classes)) < len(classes) for classes in by_list.values())
+
+    def list_entry(self, outer: str, name: str) -> str | None:
+        """The outermost module from ``outer`` down to ``name`` that is an entry of a ModuleList or
+        nn.Sequential inside ``outer`` (``layers.2`` for ``layers.2.0``), if any."""
+        parts = name.split(".")
+        for end in range(outer.count(".") + 2 if outer else 1, len(parts)):
+            if isinstance(self.modules.get(".".join(parts[:end])), (nn.ModuleList, nn.Sequential)):
+                entry = ".".join(parts[:end + 1])
+                return entry if entry in self.modules else None
+        return None
+
     # -- zero units --------------------------------------------------------------------
     def branch_module(self, residual: Residual) -> str | None:
         """The module whose output is the residual branch, looking through dropout and layer scale.
@@ -295,12 +329,13 @@ class _Grouping:
         one holding most of the weights (more than twice the others'): the unit owns the rest (see
         ``ownership``)."""
         scope = self.traced.scopes[residual.add]
-        depth = len(scope)
         node = residual.branch
         found, weights = None, 0
         while True:
             node_scope = self.traced.scopes[node]
-            if len(node_scope) > depth and node_scope[:depth] == scope:
+            # The branch may run in a sibling of the add's module: a library's ``residual_fn(block(x), x)``.
+            depth = _common_depth(scope, node_scope)
+            if len(node_scope) > depth:
                 name = node_scope[depth]
                 if self.outputs(name) != [node]:
                     return found
@@ -319,28 +354,55 @@ class _Grouping:
     # -- assembly ----------------------------------------------------------------------
     def blocks(self, granularity: Granularity) -> list[Block]:
         self.granularity = granularity
-        units: list[tuple[int, str, DropRule, list[Residual]]] = []
+        units = self.plan() if granularity == "layer" else self.branch_units(self.residuals)
+        blocks: dict[str, Block] = {}
+        for unit in sorted(units, key=lambda u: u.start):
+            if unit.block.name not in blocks:  # a shared module's calls are one unit
+                blocks[unit.block.name] = replace(unit.block, index=len(blocks))
+        return list(blocks.values())
+
+    def plan(self, within: str | None = None) -> list[_Unit]:
+        """The units inside module ``within`` (the whole model for None) at layer granularity: the
+        layers, and each residual branch no layer holds as a zero unit."""
+        units: list[_Unit] = []
         covered: set[Residual] = set()
-        if granularity == "layer":
-            for name, inside in self.layer_units().items():
-                covered.update(inside)
-                units.append((self.order[inside[0].add], name, "identity", inside))
+        for name, inside in self.layer_units(within).items():
+            covered.update(inside)
+            units += self.layer_or_inner(name, inside)
+        rest = [r for r in self.residuals if r not in covered and (within is None or self.contained(within, r))]
+        return units + self.branch_units(rest)
+
+    def layer_or_inner(self, name: str, inside: list[Residual]) -> list[_Unit]:
+        """Layer ``name`` as one unit, or the units inside it: a stack's layers or branches, or the
+        plain branches of a refused layer (modules holding all their branch's weights), where one of
+        them can be skipped. A refused layer made of sublayers that are layers themselves (T5's block
+        0, whose attention computes the position bias) stays one refused unit: its names stay stable."""
+        whole = _Unit(self.order[inside[0].add], self.block(0, _module_name(name), "identity", inside))
+        stack = name in self.stacks
+        if whole.block.droppable and not stack:
+            return [whole]
+        inner = [u for u in self.plan(name) if stack or u.plain]
+        if any(u.block.droppable for u in inner):
+            if not stack:
+                self.replaced.append(whole.block)
+            return inner
+        # A stack none of whose parts can be skipped stays one unit when it can be (a conv block looping
+        # over its convolutions); refused either way, its parts' reasons say more than the stack's.
+        return inner if stack and inner and not whole.block.droppable else [whole]
+
+    def branch_units(self, residuals: list[Residual]) -> list[_Unit]:
+        """One zero unit per branch module, for residual adds no layer holds."""
         loose: dict[str, list[Residual]] = {}
-        for residual in self.residuals:
-            if residual in covered:
-                continue
+        for residual in residuals:
             name = self.branch_module(residual)
             key = name if name is not None else f"<branch at {residual.add.name}>"
             loose.setdefault(key, []).append(residual)
+        units = []
         for key, rs in loose.items():
-            units.append((self.order[rs[0].add], key, "zero", rs))
-        units.sort(key=lambda u: u[0])
-        blocks: dict[str, Block] = {}
-        for _, name, drop, rs in units:
-            module_name = name.split("@")[0]  # a shared module's later calls are named ``layer@1``
-            if module_name not in blocks:
-                blocks[module_name] = self.block(len(blocks), module_name, drop, rs)
-        return list(blocks.values())
+            name = _module_name(key)
+            plain = all(p.startswith(name + ".") for r in rs for p in r.params)
+            units.append(_Unit(self.order[rs[0].add], self.block(0, name, "zero", rs), plain))
+        return units
 
     def block(self, index: int, name: str, drop: DropRule, residuals: list[Residual]) -> Block:
         module = self.modules.get(name)
@@ -369,7 +431,7 @@ class _Grouping:
     def zero_fix(self, residual: Residual) -> str:
         """What to do about a refused zero unit: at layer granularity, the modules around its add
         were tried as layers already, so asking for granularity='layer' would not help."""
-        if self.granularity == "branch":
+        if self.granularity == "branch" and any(self.contained(n, residual) for n in self.layers_at_layer_granularity()):
             return "use granularity='layer'"
         scope = self.traced.scopes.get(residual.add, ())
         if scope:
@@ -379,6 +441,20 @@ class _Grouping:
             if self.late_starts[name]:
                 return self.late_starts[name]
         return "no module around it is a layer (one taking the stream as an input and returning it once)"
+
+    def layers_at_layer_granularity(self) -> list[str]:
+        """The droppable layers that layer granularity gates (asked at branch granularity, so that a
+        refused branch's hint names a granularity that would help)."""
+        if self.droppable_layers is None:
+            self.droppable_layers = []  # no recursion while planning
+            granularity, replaced = self.granularity, list(self.replaced)
+            self.granularity = "layer"
+            try:
+                self.droppable_layers = [u.block.name for u in self.plan()
+                                         if u.block.drop == "identity" and u.block.droppable]
+            finally:
+                self.granularity, self.replaced = granularity, replaced
+        return self.droppable_layers
 
     def late_start(self, name: str) -> str | None:
         """Why module ``name`` is no layer when it returns the stream once but runs weights on it
@@ -651,6 +727,32 @@ class _Grouping:
         call = self.measured.calls[name]
         shape = call.output_shape or next((leaf.shape for leaf in call.output.leaves if leaf.kind == "tensor"), None)
         return next((k for k, s in call.arg_shapes.items() if s == shape), None)
+
+
+@dataclass
+class _Unit:
+    """A unit being chosen: its block, where its first residual add is, whether it is a plain branch."""
+
+    start: int  # graph position of its first residual add: units are listed in stream order
+    block: Block
+    plain: bool = False  # a zero unit whose module holds every weight its branch reads
+
+
+def _module_name(name: str) -> str:
+    """The module of a call: a shared module's later calls are named ``layer@1`` in the graph."""
+    return name.split("@")[0]
+
+
+def _inside(inner: str, outer: str) -> bool:
+    return inner.startswith(outer + ".")
+
+
+def _common_depth(a: tuple[str, ...], b: tuple[str, ...]) -> int:
+    """How many outer modules two scopes share."""
+    depth = 0
+    while depth < min(len(a), len(b)) and a[depth] == b[depth]:
+        depth += 1
+    return depth
 
 
 def _shape(node: fx.Node) -> tuple[int, ...] | None:

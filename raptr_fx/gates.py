@@ -364,25 +364,43 @@ def _gate_outside_graph(gate: GatedForward, args: tuple, kwargs: dict) -> Any:
 
 
 class CompileFallbackCheck:
-    """Warns once when dynamo gave up compiling a frame because of a gate it met where the graph
-    cannot break: a ``torch.utils.checkpoint.checkpoint(block, x)`` written in the model's forward
-    puts the gate inside checkpoint's higher-order op, and dynamo then runs the whole loop eagerly,
-    telling nobody. Its only trace is dynamo's own ``unimplemented`` counter, read once per step and
-    scanned only when it grew (a dict look-up and a length otherwise)."""
+    """Warns once when dynamo gave up compiling at a gate it met where the graph cannot break: a
+    ``torch.utils.checkpoint.checkpoint(block, x)`` written in the model's forward puts the gate inside
+    checkpoint's higher-order op, and dynamo then runs the loop eagerly, telling nobody.
+
+    Its trace is in dynamo's own counters: a regional gate reached under compile counts an
+    ``unimplemented`` entry naming it, and, where the break could be made, a ``graph_break`` entry
+    too; inside a checkpoint only the first grows. Read once per step, summed only when the
+    ``unimplemented`` counter grew (a dict look-up and two lengths otherwise)."""
 
     def __init__(self) -> None:
-        self.seen = 0
+        self.sizes = (-1, -1)
+        self.counts = self.gate_counts()
         self.warned = False
 
+    @staticmethod
+    def gate_counts() -> tuple[int, int]:
+        """How often dynamo met a regional gate it could not inline, and how often it broke the graph there."""
+        utils = sys.modules.get("torch._dynamo.utils")
+        if utils is None:
+            return 0, 0
+        name = _gate_outside_graph.__name__
+        return tuple(sum(n for key, n in utils.counters.get(kind, {}).items() if name in str(key))
+                     for kind in ("unimplemented", "graph_break"))
+
     def __call__(self) -> None:
-        utils = sys.modules.get("torch._dynamo.utils")  # never imported here: no compile, nothing to check
+        utils = sys.modules.get("torch._dynamo.utils")  # not imported: nothing compiled, nothing to check
         if self.warned or utils is None:
             return
-        unimplemented = utils.counters.get("unimplemented")
-        if not unimplemented or len(unimplemented) == self.seen:
+        counters = utils.counters
+        sizes = (sum(counters.get("unimplemented", {}).values()), sum(counters.get("graph_break", {}).values()))
+        if sizes == self.sizes:
             return
-        self.seen = len(unimplemented)
-        if any(_gate_outside_graph.__name__ in str(key) and "eager" in str(key) for key in unimplemented):
+        self.sizes = sizes
+        counts = self.gate_counts()
+        met, broke = counts[0] - self.counts[0], counts[1] - self.counts[1]
+        self.counts = counts
+        if met > 0 and broke <= 0:
             self.warned = True
             warnings.warn(
                 "raptr_fx: torch.compile ran a frame of your model uncompiled: it calls a gated block inside "

@@ -32,7 +32,8 @@ def summary(discovery: Discovery) -> dict[str, Any]:
 
 
 def to_json(discovery: Discovery) -> dict[str, Any]:
-    return {**summary(discovery), "blocks": [dataclasses.asdict(b) for b in discovery.blocks]}
+    return {**summary(discovery), "blocks": [dataclasses.asdict(b) for b in discovery.blocks],
+            "replaced": [dataclasses.asdict(b) for b in discovery.replaced]}
 
 
 def width_summary(model_type: str, groups: Sequence[WidthGroup]) -> dict[str, Any]:

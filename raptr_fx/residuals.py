@@ -7,6 +7,7 @@ A residual add combines the stream ``x`` with a branch computed from ``x``::
     x + attn(ln(x)) + mlp(ln(x))          (parallel branches)
     proj(x) + f(x)                        (projection shortcut)
     a * x + b * f(x)                      (constant-scaled shortcut: MiniMax, Beam; never skippable)
+    q + attn(q, context=x)                (q a learned token: the stream starts from weights)
 
 Not residual: ``f(x) + g(x)`` where neither side is the stream, adds of
 parameters or constants (position embeddings), concatenation skips, and a linear layer with an
@@ -263,9 +264,25 @@ def find_residuals(traced: TracedModel, graph: nx.DiGraph, parameter_free: bool 
     def fed(node: fx.Node) -> bool:
         return node in user_inputs or ancestry.any_ancestor(user_inputs, node)
 
-    def carries_data(node: fx.Node) -> bool:
-        """The stream is computed from the caller's inputs and is floating point (not ids or masks)."""
-        return fed(node) and traced.is_float(node)
+    def carries_data(residual: Residual) -> bool:
+        """The stream is floating point (not ids or masks) and computed from the caller's inputs, or
+        starts from weights alone, a learned token its branch reads the inputs into (class attention,
+        attention pooling: ``q = attn(q, context=x) + q``, ``q`` a parameter expanded to the batch)."""
+        origin = residual.origin
+        if not traced.is_float(origin):
+            return False
+        return fed(origin) or learned_token(residual)
+
+    def learned_token(residual: Residual) -> bool:
+        """A branch with weights of its own reads the inputs into a stream of weights that keeps its
+        shape. Not a recurrence's state on weights (RWKV's ``max(state + decay, key)``: its branch
+        reads only the decay, which broadcasts over the batch)."""
+        if not fed(residual.branch):
+            return False
+        origin_weights = frozenset().union(*(traced.param_uses.get(n, frozenset())
+                                             for n in nx.ancestors(graph, residual.origin) | {residual.origin}))
+        shapes = [_shape(residual.origin), _shape(residual.add)]
+        return bool(residual.params - origin_weights) and (None in shapes or shapes[0] == shapes[1])
 
     user_inputs = set(traced.user_inputs)
     found: dict[fx.Node, Residual] = {}
@@ -277,7 +294,7 @@ def find_residuals(traced: TracedModel, graph: nx.DiGraph, parameter_free: bool 
                              source=lambda n, add=node: source(n, add), traced=traced)
         if residual is None and parameter_free:
             residual = _offset(node, *operands, fed=fed)
-        if residual is not None and bool(residual.params) != parameter_free and carries_data(residual.origin):
+        if residual is not None and bool(residual.params) != parameter_free and carries_data(residual):
             origin = source(residual.origin, node)
             if origin is not residual.origin:
                 residual = replace(residual, origin=origin,
@@ -331,6 +348,11 @@ def _offset(add: fx.Node, u: fx.Node, v: fx.Node, *, fed) -> Residual | None:
         if fed(stream) and not fed(value):
             return Residual(add, stream, value, stream, frozenset(), frozenset())
     return None
+
+
+def _shape(node: fx.Node) -> tuple[int, ...] | None:
+    val = node.meta.get("val")
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
 
 
 def _constant_scale(short_nodes: frozenset[fx.Node]) -> float | None:

@@ -63,7 +63,8 @@ def test_branch_granularity_refuses_branches_spanning_modules():
 
     blocks = find_blocks(TinyBert(n_layer=1), granularity="branch")
     assert blocks and not any(b.droppable for b in blocks)
-    assert "owns encoder.layer.0.attention.self.key (only its branch uses it), but" in blocks[0].reason
+    assert ("encoder.layer.0.attention.self owns encoder.layer.0.attention.output.dense (only its branch uses it), "
+            "but") in blocks[0].reason
 
 
 def test_shared_module_is_reported_not_dropped():
@@ -171,7 +172,7 @@ def test_tuple_and_dict_outputs(with_inputs):
                                    OutputSlot("cache", "constant"))
 
 
-def test_nested_or_custom_output_types_are_not_droppable():
+def test_nested_or_custom_output_types_are_not_droppable_but_a_plain_branch_inside_is():
     class Named(nn.Module):
         def __init__(self):
             super().__init__()
@@ -188,8 +189,11 @@ def test_nested_or_custom_output_types_are_not_droppable():
         def forward(self, x):
             return self.layer(x)["x"]
 
-    (block,) = find_blocks(Net(), features())
-    assert not block.droppable and block.reason.startswith("output['extra'] is a tuple")
+    discovery = raptr_fx.discover(Net(), features())
+    (layer,) = discovery.replaced
+    assert layer.name == "layer" and layer.reason.startswith("output['extra'] is a tuple")
+    # Its branch is one module holding all its weights: that is the unit instead (issue 21, item 3).
+    assert [(b.name, b.drop, b.droppable) for b in discovery.blocks] == [("layer.fc", "zero", True)]
 
 
 def test_pass_through_ops_keep_the_stream():

@@ -241,13 +241,17 @@ def test_layers_run_again_after_no_grad_calls_are_refused_as_shared():
 
 
 @BOTH
-def test_a_constant_scaled_shortcut_is_refused_with_its_scale(with_inputs):
-    blocks = find_blocks(patterns.ScaledShortcutStack(), inputs_or_none(with_inputs))
-    assert [(b.name, b.droppable) for b in blocks] == [("layers.0", False), ("layers.1", False)]
-    assert blocks[0].reason == ("its shortcut scales the stream (0.5 * x + f(x)), not the identity: skipped, it "
-                                "would have to return 0.5 * x, and returning x would change the stream")
-    with pytest.raises(raptr_fx.RaptrError, match=r"layers\.0: its shortcut scales the stream"):
-        transform(patterns.ScaledShortcutStack(), FullModel(), example_inputs=inputs_or_none(with_inputs))
+def test_a_constant_scaled_shortcut_layer_gives_way_to_its_branch(with_inputs):
+    # Refused as a layer (skipped, it would have to return 0.5 * x), its MLP branch is the unit instead.
+    discovery = raptr_fx.discover(patterns.ScaledShortcutStack(), inputs_or_none(with_inputs))
+    assert [(b.name, b.drop, b.droppable) for b in discovery.blocks] == [
+        ("layers.0.mlp", "zero", True), ("layers.1.mlp", "zero", True)]
+    assert [b.name for b in discovery.replaced] == ["layers.0", "layers.1"]
+    assert discovery.replaced[0].reason == (
+        "its shortcut scales the stream (0.5 * x + f(x)), not the identity: skipped, it "
+        "would have to return 0.5 * x, and returning x would change the stream")
+    # The branch skipped, layer 0 returns 0.5 * x exactly.
+    assert_skips(patterns.ScaledShortcutStack(), with_inputs, "layers.0.mlp", lambda ref, x: ref.layers[1](x * 0.5))
 
 
 @BOTH
@@ -301,12 +305,11 @@ def test_a_mask_retry_that_fails_too_is_in_the_error():
                for line in lines[1:])
 
 
-@pytest.mark.parametrize("granularity, fix", [
-    ("layer", "no module around it is a layer (one taking the stream as an input and returning it once)"),
-    ("branch", "use granularity='layer'"),
-])
-def test_a_refused_branch_says_what_to_do_at_each_granularity(granularity, fix):
-    # At layer granularity the modules around the add were tried as layers: asking for it would not help.
+@pytest.mark.parametrize("granularity", ["layer", "branch"])
+def test_a_refused_branch_says_what_to_do_at_each_granularity(granularity):
+    # At layer granularity the modules around the add were tried as layers: asking for it would not
+    # help, so branch granularity does not suggest it either (it did, issue 21 item 10).
+    fix = "no module around it is a layer (one taking the stream as an input and returning it once)"
     blocks = find_blocks(patterns.ViewLayerScale(), features(), granularity=granularity)
     assert [(b.name, b.droppable) for b in blocks] == [("mlps.0", False), ("mlps.1", False)]
     assert blocks[0].reason == ("the branch also runs weights outside mlps.0 that other parts of the model read too "
@@ -377,3 +380,120 @@ def test_a_module_embedding_ids_is_not_called_a_layer_that_normalizes_first():
     # No layer: the branches are the units, each owning the fc1 only it reads (tests/test_owned.py).
     assert [(b.name, b.drop, b.droppable, b.owned_before) for b in blocks] == [
         ("model.fc2.0", "zero", True, ("model.fc1.0",)), ("model.fc2.1", "zero", True, ("model.fc1.1",))]
+
+
+# --- issue 21: stacks, refused layers' branches, streams from a token, sibling sublayers -----------
+def assert_units_run_as_drawn(model, inputs, units):
+    """Transformed with a schedule that needs every unit (half of them, then all): eval is the plain
+    model's output bitwise; in training each step runs exactly the units drawn (a forward hook on the
+    first module with weights inside each unit counts its runs) and dropped units get no gradient;
+    remove() leaves the model as it was."""
+    before = module_state(model)
+    reference = copy.deepcopy(model)
+    ctl = transform(model, raptr_fx.RaPTr(f"{len(units) // 2}-{len(units)}", total_steps=6), example_inputs=inputs)
+    assert [b.name for b in ctl.blocks] == units
+    x = inputs[0]
+    model.eval()
+    assert torch.equal(model(x), reference(x))
+    model.train()
+    ran = []
+    hooks = []
+    for unit in units:
+        first = next(m for m in model.get_submodule(unit).modules() if list(m.parameters(recurse=False)))
+        hooks.append(first.register_forward_hook(lambda *_, unit=unit: ran.append(unit)))
+    dropped_any = False
+    for _ in range(4):
+        ctl.step()
+        ran.clear()
+        model(x).sum().backward()
+        assert ran == ctl.active_blocks
+        dropped_any = dropped_any or len(ran) < len(units)
+        for unit, kept in zip(units, ctl.active):
+            assert kept or all(p.grad is None for p in model.get_submodule(unit).parameters())
+        model.zero_grad(set_to_none=True)
+    assert dropped_any  # stage 0 (seeded draws) dropped some unit
+    for hook in hooks:
+        hook.remove()
+    ctl.remove()
+    assert_same_state(before, module_state(model))
+
+
+@BOTH
+def test_a_stack_looping_over_attention_and_feed_forward_pairs_is_no_layer(with_inputs):
+    # for attn, ff in self.layers: x = attn(x) + x; x = ff(x) + x, then self.norm(x): the stack was one
+    # identity unit (skipping it skipped the final norm too) and "2-4-6" failed with "outside [1, 1]".
+    blocks = find_blocks(patterns.PairedViT(), inputs_or_none(with_inputs))
+    units = [f"transformer.layers.{i}.{j}" for i in range(3) for j in range(2)]
+    assert [(b.name, b.drop, b.droppable) for b in blocks] == [(u, "zero", True) for u in units]
+    model = patterns.PairedViT()
+    transform(model, "2-4-6", total_steps=6, example_inputs=inputs_or_none(with_inputs)).remove()
+    assert_units_run_as_drawn(patterns.PairedViT(), features(), units)
+
+
+@BOTH
+def test_a_layer_of_sublayers_of_different_classes_in_one_module_list_stays_a_layer(with_inputs):
+    # self.sublayers = ModuleList([attention, feed-forward]) looped over: one layer, not a stack.
+    blocks = find_blocks(patterns.SublayerBlockStack(), inputs_or_none(with_inputs))
+    assert [(b.name, b.drop, b.droppable) for b in blocks] == [
+        ("layers.0", "identity", True), ("layers.1", "identity", True)]
+
+
+@BOTH
+@pytest.mark.parametrize("factory, reason", [
+    (patterns.StateDictStack, "cannot tell which argument of forward carries the stream"),
+    (patterns.ProjectedFirstStack, "its shortcut is a projection (layers.0.proj), not the identity"),
+], ids=["stream in a dict", "projection shortcut in one sublayer"])
+def test_a_refused_layer_gives_way_to_its_plain_branches(factory, reason, with_inputs):
+    discovery = raptr_fx.discover(factory(), inputs_or_none(with_inputs))
+    units = [f"layers.{i}.{branch}" for i in range(2) for branch in ("attn", "ff")]
+    assert [(b.name, b.drop, b.droppable) for b in discovery.blocks] == [(u, "zero", True) for u in units]
+    assert [b.name for b in discovery.replaced] == ["layers.0", "layers.1"]
+    assert discovery.replaced[0].reason.startswith(reason)
+    assert_units_run_as_drawn(factory(), features(), units)
+
+
+@BOTH
+def test_a_stream_starting_from_a_learned_token_is_a_unit(with_inputs):
+    # cls = cls_token.expand(...); cls = attn(cls, context=x) + cls: the first add was no residual.
+    blocks = find_blocks(patterns.ClassAttentionHead(), inputs_or_none(with_inputs))
+    cls_units = [f"cls_layers.{i}.{j}" for i in range(2) for j in range(2)]
+    assert [(b.name, b.drop, b.droppable) for b in blocks] == [
+        ("body.0", "identity", True), ("body.1", "identity", True), *[(u, "zero", True) for u in cls_units]]
+    assert_units_run_as_drawn(patterns.ClassAttentionHead(), features(), ["body.0", "body.1", *cls_units])
+
+
+def test_a_skipped_branch_on_a_learned_token_leaves_the_token():
+    model = patterns.AttentionPooling()
+    reference = copy.deepcopy(model)
+    ctl = transform(model, FullModel(), example_inputs=features())
+    assert [(b.name, b.drop) for b in ctl.blocks] == [("body.0", "identity"), ("body.1", "identity"),
+                                                       ("pool", "zero")]
+    ctl._state.set([True, True, False], [1.0] * 3)
+    x = features()[0]
+    assert torch.equal(model(x), reference.head(reference.query.expand(2, -1, -1)[:, 0]))
+    ctl.remove()
+
+
+@BOTH
+def test_sibling_modules_of_one_sublayer_are_gated_at_their_block(with_inputs):
+    # ModuleList([norm, block, residual_fn]) per sublayer, x = residual_fn(block(norm(x)), x), and a
+    # stack returning (x, intermediates): nothing was offered. The block is the unit; skipped, it
+    # returns zeros and residual_fn passes the stream through.
+    units = [f"attn_layers.layers.{i}.1" for i in range(4)]
+    for granularity in ("layer", "branch"):
+        blocks = find_blocks(patterns.SiblingSublayersLM(norm=False), inputs_or_none(with_inputs),
+                             granularity=granularity)
+        assert [(b.name, b.drop, b.droppable) for b in blocks] == [(u, "zero", True) for u in units]
+    assert_units_run_as_drawn(patterns.SiblingSublayersLM(norm=False), features(), units)
+
+
+@pytest.mark.parametrize("granularity", ["layer", "branch"])
+def test_sibling_sublayers_with_their_norm_apart_own_the_norm(granularity):
+    # The norm is a sibling of the block, outside it, and only the block reads it: the unit owns it
+    # (skipped and frozen with it), the one decision shared by the sublayer's sibling modules.
+    blocks = find_blocks(patterns.SiblingSublayersLM(), features(), granularity=granularity)
+    assert [(b.name, b.droppable, b.owned_before) for b in blocks] == [
+        (f"attn_layers.layers.{i}.1", True, (f"attn_layers.layers.{i}.0",)) for i in range(4)]
+    if granularity == "layer":
+        assert_units_run_as_drawn(patterns.SiblingSublayersLM(), features(),
+                                  [f"attn_layers.layers.{i}.1" for i in range(4)])

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from raptr_fx import FullModel, find_blocks, transform
+import raptr_fx
+from raptr_fx import FullModel, transform
 from tests.fixtures import patterns
 from tests.fixtures.models import TupleStack, features
 
@@ -100,6 +101,8 @@ def test_an_element_recomputed_unequal_to_its_input_is_still_refused():
             super().__init__()
             self.layers = nn.ModuleList([Halving() for _ in range(2)])
 
-    blocks = find_blocks(Stack(), features())
-    assert not blocks[0].droppable
-    assert "output[1]" in blocks[0].reason
+    # The layer is refused, and gives way to its plain branch (issue 21 item 3).
+    discovery = raptr_fx.discover(Stack(), features())
+    assert [b.name for b in discovery.replaced] == ["layers.0", "layers.1"]
+    assert discovery.replaced[0].reason.startswith("output[1]")
+    assert [b.name for b in discovery.blocks] == ["layers.0.mlp", "layers.1.mlp"]

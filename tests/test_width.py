@@ -628,7 +628,7 @@ def test_attention_projected_by_1x1_convolutions_is_refused_with_a_reason_and_it
     assert [g.name for g in groups if g.droppable] == ["0:mlp", "1:mlp"]
 
 
-@pytest.mark.parametrize("name", ["ViewLayerScale", "ScaledShortcutStack"])
+@pytest.mark.parametrize("name", ["ViewLayerScale"])
 def test_width_only_schedules_cut_the_groups_find_width_groups_reports_in_refused_units(name):
     """A width-only schedule drops no unit, so a unit refused for depth still has its groups cut."""
     from tests.fixtures import patterns

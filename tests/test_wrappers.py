@@ -199,3 +199,20 @@ def test_checkpoint_in_forward_under_whole_model_compile_warns_that_it_ran_uncom
             compiled(*tokens()).sum().backward()
             optimizer.step()
             optimizer.zero_grad()
+
+
+@pytest.mark.compile
+def test_regional_gates_under_whole_model_compile_do_not_warn_of_checkpoint():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = GPT(n_layer=4)
+    ctl = transform(model, RaPTr("2-3-4", total_steps=STEPS), seed=3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ctl.attach(optimizer)
+    compiled = torch.compile(model, backend="aot_eager")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*ran a frame of your model uncompiled", category=RaptrWarning)
+        for _ in range(2):
+            compiled(*tokens()).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
