@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 import transformers  # noqa: E402
 from transformers.models.auto import modeling_auto  # noqa: E402
 
-from zoo import add_sweep_arguments, check_model, one_line, summary, sweep, table, tensors  # noqa: E402
+from zoo import add_sweep_arguments, check_model, chosen, one_line, report, sweep, tensors  # noqa: E402
 
 LAYERS = 2
 HIDDEN = 32
@@ -353,22 +353,13 @@ def main() -> None:
                 result = json.loads(line)
                 by_type[result["type"]] = result
         results = [by_type[k] for k in sorted(by_type)]
-        print(f"{table(results, COLUMNS)}\n\n{summary(results, 'model types')}")
+        report(results, COLUMNS, "model types", None)
         return
     torch.set_num_threads(1)
     archs = architectures()
-    if args.only or args.sample:
-        wanted = args.only.split(",") if args.only else SAMPLE
-        unknown = set(wanted) - {a[0] for a in archs}
-        if unknown:
-            raise SystemExit(f"unknown model type(s) {sorted(unknown)}")
-        archs = [a for a in archs if a[0] in wanted]
-    results = sweep([case(arch, args.build_only) for arch in archs], args.timeout, args.json)
-    text = f"{table(results, COLUMNS)}\n\n{summary(results, 'model types')}\n"
-    print("\n" + text)
-    if args.out:
-        Path(args.out).write_text(text)
-
+    wanted = chosen([a[0] for a in archs], args, SAMPLE)
+    results = sweep([case(arch, args.build_only) for arch in archs if arch[0] in wanted], args.timeout, args.json)
+    report(results, COLUMNS, "model types", args.out)
 
 if __name__ == "__main__":
     main()

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torchvision  # noqa: E402
 from torchvision import models  # noqa: E402
-from zoo import add_sweep_arguments, check_model, one_line, summary, sweep, table, tensors  # noqa: E402
+from zoo import add_sweep_arguments, check_model, chosen, one_line, report, sweep, tensors  # noqa: E402
 
 FAMILIES = {"classification": models, "video": models.video, "segmentation": models.segmentation}
 SAMPLE = ["resnet18", "mobilenet_v2", "efficientnet_b0", "convnext_tiny", "vit_b_16", "swin_t", "r3d_18",
@@ -129,20 +129,11 @@ def main() -> None:
     torch.set_num_threads(1)
     names = [(name, family) for family, module in FAMILIES.items()
              for name in models.list_models(module=module)]
-    if args.only or args.sample:
-        wanted = args.only.split(",") if args.only else SAMPLE
-        unknown = set(wanted) - {n for n, _ in names}
-        if unknown:
-            raise SystemExit(f"unknown model(s) {sorted(unknown)}")
-        names = [(n, f) for n, f in names if n in wanted]
+    wanted = chosen([n for n, _ in names], args, SAMPLE)
+    names = [(n, f) for n, f in names if n in wanted]
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}: {len(names)} models", flush=True)
     cases = [({"model": name, "family": family}, functools.partial(check, name, family)) for name, family in names]
-    results = sweep(cases, args.timeout, args.json)
-    text = f"{table(results, COLUMNS)}\n\n{summary(results, 'models')}\n"
-    print("\n" + text)
-    if args.out:
-        Path(args.out).write_text(text)
-
+    report(sweep(cases, args.timeout, args.json), COLUMNS, "models", args.out)
 
 if __name__ == "__main__":
     main()

@@ -20,6 +20,7 @@ import os
 import signal
 import time
 import traceback
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -189,6 +190,24 @@ def table(results: list[dict[str, Any]], columns: dict[str, str]) -> str:
                  r["status"], refusal_detail(r)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def chosen(names: list[str], args: argparse.Namespace, sample: list[str]) -> set[str]:
+    """The names ``--only`` or ``--sample`` ask for (all without either); unknown names end the run."""
+    if not (args.only or args.sample):
+        return set(names)
+    wanted = set(args.only.split(",") if args.only else sample)
+    if wanted - set(names):
+        raise SystemExit(f"unknown model(s) {sorted(wanted - set(names))}")
+    return wanted
+
+
+def report(results: list[dict[str, Any]], columns: dict[str, str], what: str, out: str | None) -> None:
+    """Print the table and the summary line, and write them to ``out`` if given."""
+    text = f"{table(results, columns)}\n\n{summary(results, what)}\n"
+    print("\n" + text)
+    if out:
+        Path(out).write_text(text)
 
 
 def sweep(cases: list[tuple[dict[str, Any], Callable[[], dict[str, Any]]]], timeout: float,

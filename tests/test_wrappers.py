@@ -183,36 +183,32 @@ class CheckpointInForwardGPT(GPT):
         return self.lm_head(self.transformer.ln_f(x))
 
 
+def compile_whole_and_train(model: GPT, steps: int = 2) -> None:
+    """Transform, compile the whole model (aot_eager) and take SGD steps."""
+    torch._dynamo.reset()
+    ctl = transform(model, RaPTr("2-3-4", total_steps=STEPS), seed=3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ctl.attach(optimizer)
+    compiled = torch.compile(model, backend="aot_eager")
+    for _ in range(steps):
+        compiled(*tokens()).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
 @pytest.mark.compile
 def test_checkpoint_in_forward_under_whole_model_compile_warns_that_it_ran_uncompiled():
     # Dynamo cannot break the graph at a gate inside checkpoint's higher-order op: it runs the
     # model's loop uncompiled. Nothing in torch says so; the controller's step does.
-    torch._dynamo.reset()
     torch.manual_seed(0)
-    model = CheckpointInForwardGPT(n_layer=4)
-    ctl = transform(model, RaPTr("2-3-4", total_steps=STEPS), seed=3)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    ctl.attach(optimizer)
-    compiled = torch.compile(model, backend="aot_eager")
     with pytest.warns(RaptrWarning, match="ran a frame of your model uncompiled.*checkpoint_wrapper"):
-        for _ in range(2):
-            compiled(*tokens()).sum().backward()
-            optimizer.step()
-            optimizer.zero_grad()
+        compile_whole_and_train(CheckpointInForwardGPT(n_layer=4))
 
 
 @pytest.mark.compile
 def test_regional_gates_under_whole_model_compile_do_not_warn_of_checkpoint():
-    torch._dynamo.reset()
+    # Regional gates break the graph in the model's loop too, but there dynamo can break it.
     torch.manual_seed(0)
-    model = GPT(n_layer=4)
-    ctl = transform(model, RaPTr("2-3-4", total_steps=STEPS), seed=3)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    ctl.attach(optimizer)
-    compiled = torch.compile(model, backend="aot_eager")
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*ran a frame of your model uncompiled", category=RaptrWarning)
-        for _ in range(2):
-            compiled(*tokens()).sum().backward()
-            optimizer.step()
-            optimizer.zero_grad()
+        compile_whole_and_train(GPT(n_layer=4))
