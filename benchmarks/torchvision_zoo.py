@@ -72,7 +72,7 @@ def expected_units(model: nn.Module) -> list[str]:
         if kind in ("BasicBlock", "Bottleneck"):
             identity = module.downsample is None
         elif kind in ("MBConv", "FusedMBConv", "InvertedResidual"):
-            identity = module.use_res_connect
+            identity = getattr(module, "use_res_connect", False)  # ShuffleNet's has none: it concatenates
         elif kind == "_InvertedResidual":  # MNASNet
             identity = module.apply_residual
         elif kind == "ResBottleneckBlock":  # RegNet
