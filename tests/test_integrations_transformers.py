@@ -237,7 +237,7 @@ def test_dropped_units_are_not_updated(tmp_path):
 def test_width_schedule_cuts_and_freezes_under_the_trainer(tmp_path):
     """A width schedule through the callback: rows not kept in a step do not move in that step."""
     model = LM()
-    callback = RaPTrCallback(raptr_fx.WidthRaPTr("0.5-1", total_steps=STEPS),
+    callback = RaPTrCallback(raptr_fx.WidthRaPTr("0.5-1", total_steps=STEPS, width_kinds=("mlp",)),
                              example_inputs={k: v[None] for k, v in dataset()[0].items()})
     weight = model.gpt.transformer.h[0].mlp.c_fc.weight
     seen = []  # (controller step, kept rows, weight) at each forward
