@@ -31,7 +31,7 @@ import math
 import operator
 import os
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -104,6 +104,17 @@ class _Axis:
 
     dim: int
     factors: tuple[tuple[int, bool], ...]
+
+
+@dataclass(frozen=True)
+class _Segments:
+    """A fused projection's output dimension holding q, k and v one after another, each a segment
+    of ``parts`` parts of a different width (a grouped key/value layout): only a split into them
+    can be followed."""
+
+    dim: int
+    parts: int
+    widths: tuple[int, ...]
 
 
 # Ops that act on each element (or each head) on its own: the heads' axis passes through.
@@ -179,7 +190,7 @@ class _Walk:
     """One pass over the attention graph, from the fused projection to the output projection."""
 
     def __init__(self, graph: fx.Graph, modules: dict[str, nn.Module], producer: str, consumer: str,
-                 start: tuple[tuple[int, bool], ...], consumer_width: int):
+                 start: tuple[tuple[int, bool], ...] | _Segments, consumer_width: int):
         self.graph = graph
         self.modules = modules
         self.producer, self.consumer = producer, consumer
@@ -197,7 +208,9 @@ class _Walk:
                 shape = _shape(node)
                 if shape is None:
                     raise Refusal(f"no shape for {self.producer}'s output")
-                self.axes[node] = _Axis(len(shape) - 1, self.start)
+                last = len(shape) - 1
+                self.axes[node] = (replace(self.start, dim=last) if isinstance(self.start, _Segments)
+                                   else _Axis(last, self.start))
                 continue
             inputs = node.all_input_nodes
             if not any(a in self.axes or a in self.sizes or a in self.following for a in inputs):
@@ -215,6 +228,10 @@ class _Walk:
         name = _op_name(node)
         if node.op == "output":
             self.refuse(node, "returns a tensor that still has the heads: a cut would change the module's output")
+        segmented = any(isinstance(self.axes.get(a), _Segments) for a in node.all_input_nodes)
+        if segmented and name != "split" and not is_shape_query(node):
+            self.refuse(node, "reads the fused projection's query, key and value segments (of different sizes) "
+                        "at once: only a split into them can be followed")
         if node.op == "call_module":
             return self.module_call(node)
         if is_shape_query(node):
@@ -240,6 +257,10 @@ class _Walk:
             return self.split(node, name)
         if name == "unbind":
             return self.unbind(node)
+        if name == "repeat_interleave":
+            return self.repeat_interleave(node)
+        if name == "expand":
+            return self.expand(node)
         if name in _ATTENTION:
             return self.attention(node)
         if name in _MATMULS:
@@ -298,15 +319,24 @@ class _Walk:
         axis = self.axes.get(source)
         if axis is None:
             return self.check_sizes(node, set())
-        # Indexing: whole ints drop a dimension before the heads, slices must leave the heads whole.
-        items = index if isinstance(index, tuple) else (index,)
-        for dim, item in enumerate(items):
-            if item is Ellipsis or item is None or isinstance(item, fx.Node):
+        # Indexing: whole ints drop a dimension, None adds one, slices must leave the heads whole.
+        items = list(index) if isinstance(index, tuple) else [index]
+        if Ellipsis in items:
+            at = items.index(Ellipsis)
+            items[at:at + 1] = [slice(None)] * (len(_shape(source)) - sum(i is not None for i in items) + 1)
+        dim, out = 0, 0  # the input and output dimension the next item indexes
+        for item in items:
+            if isinstance(item, fx.Node) or not isinstance(item, (int, slice, type(None))):
                 self.refuse(node, "indexes the heads with an index the rewrite cannot follow")
-            if dim == axis.dim and item != slice(None):
-                self.refuse(node, "indexes into the heads")
-        dropped = sum(isinstance(i, int) for i in items[:axis.dim])
-        self.axes[node] = _Axis(axis.dim - dropped, axis.factors)
+            if item is None:
+                out += 1
+                continue
+            if dim == axis.dim:
+                if item != slice(None):
+                    self.refuse(node, "indexes into the heads")
+                break
+            dim, out = dim + 1, out + (not isinstance(item, int))
+        self.axes[node] = _Axis(out + axis.dim - dim, axis.factors)
         return None
 
     # -- ops on the heads ---------------------------------------------------------------------------
@@ -356,15 +386,23 @@ class _Walk:
         if count is None:
             self.refuse(node, "has no shapes")
         if dim != axis.dim:
+            if isinstance(axis, _Segments):
+                self.refuse(node, "splits the fused projection's output along another dimension than its rows")
             self.axes[node] = (axis,) * count
             return None
-        lead, rest = axis.factors[0], axis.factors[1:]
-        widths = {p.shape[dim] for p in pieces}
-        if lead[1] or lead[0] % count or len(widths) != 1:
-            self.refuse(node, f"splits the heads' axis into {[p.shape[dim] for p in pieces]}: not into equal "
-                        "segments each holding every head (a grouped key/value layout is not supported)")
-        piece = ((lead[0] // count, False),) if lead[0] != count else ()
-        self.axes[node] = (_Axis(dim, piece + rest),) * count
+        widths = [p.shape[dim] for p in pieces]
+        if isinstance(axis, _Segments):  # q, k and v of a grouped key/value layout
+            if widths != [axis.parts * w for w in axis.widths]:
+                self.refuse(node, f"splits the fused projection's {sum(widths)} rows into {widths}, not into its "
+                            f"query, key and value ({[axis.parts * w for w in axis.widths]})")
+            self.axes[node] = tuple(_Axis(dim, ((axis.parts, True), (w, False))) for w in axis.widths)
+        else:
+            lead, rest = axis.factors[0], axis.factors[1:]
+            if lead[1] or lead[0] % count or len(set(widths)) != 1:
+                self.refuse(node, f"splits the heads' axis into {widths}: not into equal segments each holding "
+                            "every head")
+            piece = ((lead[0] // count, False),) if lead[0] != count else ()
+            self.axes[node] = (_Axis(dim, piece + rest),) * count
         if name == "split":
             size, key = (node.args[1], 1) if len(node.args) > 1 else next(
                 (node.kwargs[k], k) for k in ("split_size", "split_size_or_sections") if k in node.kwargs)
@@ -373,6 +411,30 @@ class _Walk:
                     self.resize(node, item, (key, j))
             else:
                 self.resize(node, size, (key, -1))
+
+    def repeat_interleave(self, node: fx.Node) -> None:
+        """``k.repeat_interleave(n, dim=1)``: each key/value head repeated for its query heads."""
+        axis = self.axes[node.args[0]]
+        repeats, dim = _arg(node, 1, "repeats"), _arg(node, 2, "dim")
+        if not isinstance(repeats, int) or dim is None:
+            self.refuse(node, "repeats the heads by a count the rewrite cannot follow")
+        if _dim(dim, len(_shape(node))) == axis.dim:
+            self.axes[node] = _Axis(axis.dim, axis.factors + ((repeats, False),))
+        else:
+            self.axes[node] = axis
+
+    def expand(self, node: fx.Node) -> None:
+        """``k[:, :, None].expand(b, kv_heads, n_rep, t, d)``: the heads' size follows the kept count."""
+        axis, source = self.axes[node.args[0]], node.args[0]
+        listed = len(node.args) == 2 and isinstance(node.args[1], (list, tuple))
+        sizes = list(node.args[1]) if listed else list(node.args[1:])
+        dim = axis.dim + len(sizes) - len(_shape(source))
+        self.axes[node] = _Axis(dim, axis.factors)
+        for j, size in enumerate(sizes):
+            if j == dim:
+                self.resize(node, size, (1, j) if listed else (1 + j, -1))
+            elif isinstance(size, fx.Node) and size in self.following:
+                self.refuse(node, "sizes a dimension without the heads from the heads' extent")
 
     def unbind(self, node: fx.Node) -> None:
         axis = self.axes[node.args[0]]
@@ -388,6 +450,13 @@ class _Walk:
         ndim = len(_shape(q))
         if any(a is None for a in axes) or len({a.dim for a in axes}) != 1 or axes[0].dim >= ndim - 2:
             self.refuse(node, "gets query, key and value without the heads on one batch dimension")
+        query, key, value = (a.factors for a in axes)
+        # enable_gqa pairs query head i with key/value head i // (query heads per key/value head):
+        # the query's factors are the key's followed by the query heads of each.
+        grouped = node.kwargs.get("enable_gqa", False) and query[:len(key)] == key
+        if key != value or (query != key and not grouped):
+            self.refuse(node, f"pairs query heads {query} with key/value heads {key}, {value} that a cut would not "
+                        "keep together")
         self.check_broadcast(node, axes[0].dim, [node.kwargs.get("attn_mask", _arg(node, 3, "attn_mask"))])
         self.axes[node] = axes[0]
 
@@ -396,6 +465,9 @@ class _Walk:
         ndim = len(_shape(node))
         if left is None or right is None or left.dim != right.dim or left.dim >= ndim - 2:
             self.refuse(node, "multiplies along the heads")
+        if left.factors != right.factors:
+            self.refuse(node, f"multiplies heads {left.factors} with heads {right.factors} that a cut would not keep "
+                        "together")
         self.axes[node] = left
 
     def pointwise(self, node: fx.Node, name: str) -> None:
@@ -432,15 +504,17 @@ class _Walk:
             self.refuse(node, "uses a size computed from the heads")
 
 
-def _layouts(parts: int, segments: tuple[int, ...]) -> list[tuple[tuple[tuple[int, bool], ...], tuple[int, ...]]]:
+def _layouts(parts: int, segments: tuple[int, ...]) -> list[tuple[tuple[tuple[int, bool], ...] | _Segments,
+                                                                    tuple[int, ...]]]:
     """The layouts the fused projection's rows may have: (factors of its output axis, the cut's
-    segments). q, k and v one after another (nanoGPT's split, timm's reshape(3, heads, d)), or
-    each head's q, k and v together (GPT-NeoX's view(b, t, heads, 3 * d))."""
+    segments). q, k and v one after another (nanoGPT's split, timm's reshape(3, heads, d); with
+    segments of different sizes, a grouped key/value layout split into them), or each part's q, k
+    and v together (GPT-NeoX's view(b, t, heads, 3 * d))."""
+    count, width = len(segments), sum(segments)
+    by_part = (((parts, True), (width, False)), ())
     if len(set(segments)) != 1:
-        return []
-    count, width = len(segments), segments[0]
-    return [(((count, False), (parts, True), (width, False)), segments),
-            (((parts, True), (count * width, False)), ())]
+        return [(_Segments(-1, parts, segments), segments), by_part]
+    return [(((count, False), (parts, True), (segments[0], False)), segments), by_part]
 
 
 def plan_head_rewrite(module: nn.Module, name: str, producer: str, consumer: str, parts: int,
@@ -459,9 +533,6 @@ def plan_head_rewrite(module: nn.Module, name: str, producer: str, consumer: str
         Refusal: with the op that fixes the heads in a way the rewrite cannot follow.
     """
     layouts = _layouts(parts, segments)
-    if not layouts:
-        raise Refusal(f"{producer}'s query, key and value segments differ in size ({list(segments)} rows per "
-                      "key/value head): a grouped key/value fused layout is not supported")
     traced = trace_attention(module, leaves)
     _propagate(traced, arg_shapes, like)
     modules = dict(traced.named_modules())

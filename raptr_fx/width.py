@@ -512,11 +512,14 @@ class _Finder:
         """Query, key and value split from one projection: cut through a rewrite of the attention
         module's graph, planned once shapes are known (:func:`_planned`)."""
         fused, o = group.modules
+        pf, po = self.projections[fused], self.projections[o]
+        kv_rows = pf.out_features - heads * head_dim
+        if kv_rows != kv_heads * (head_dim + value_dim) and kv_rows > 0 and kv_rows % (head_dim + value_dim) == 0:
+            kv_heads = kv_rows // (head_dim + value_dim)  # repeated for their query heads before the attention op
         if kv_heads == 0 or heads % kv_heads:
             return refuse(f"{heads} query heads cannot be grouped over {kv_heads} key/value heads")
         per_group = heads // kv_heads
         segments = (per_group * head_dim, head_dim, value_dim)  # rows per key/value head of q, k and v
-        pf, po = self.projections[fused], self.projections[o]
         if pf.out_features != kv_heads * sum(segments):
             return refuse(f"{fused} makes {pf.out_features} features, not query, key and value of {heads} "
                           f"heads of {head_dim}")

@@ -1,6 +1,7 @@
 """Width-wise RaPTr: groups found, cuts that really shrink the compute, frozen parts, resume, DDP."""
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -11,8 +12,9 @@ from torch.utils.flop_counter import FlopCounterMode
 import raptr_fx
 from raptr_fx import RaPTr, RaptrError, Stage, WidthRaPTr, find_width_groups, transform
 from tests.distributed import run_ranks
-from tests.fixtures.models import (GPT, FusedAttentionStack, GroupedFusedAttention, HeadScaledAttention,
-                                   PerHeadFusedAttention, ResNet, ViT, features, images, tokens)
+from tests.fixtures.models import (GPT, FusedAttentionStack, GroupedExpandAttention, GroupedFusedAttention,
+                                   GroupedRepeatAttention, HeadScaledAttention, PerHeadFusedAttention, ResNet,
+                                   SlicedGroupedAttention, ViT, features, images, tokens)
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -265,14 +267,41 @@ FUSED = {  # name -> (model, inputs, its first attention module, the projections
     "nanogpt": (lambda: GPT(n_layer=2), tokens, "transformer.h.0.attn", ("c_attn", "c_proj")),
     "timm": (lambda: FusedAttentionStack(), features, "blocks.0.attn", ("qkv", "proj")),
     "neox": (lambda: FusedAttentionStack(PerHeadFusedAttention), features, "blocks.0.attn", ("query_key_value", "dense")),
+    # 4 query heads over 2 key/value heads: sdpa's enable_gqa, Llama's repeat_kv (expand), repeat_interleave
+    "grouped": (lambda: FusedAttentionStack(GroupedFusedAttention), features, "blocks.0.attn", ("qkv", "proj")),
+    "grouped_expand": (lambda: FusedAttentionStack(GroupedExpandAttention), features, "blocks.0.attn", ("qkv", "proj")),
+    "grouped_repeat": (lambda: FusedAttentionStack(GroupedRepeatAttention), features, "blocks.0.attn", ("qkv", "proj")),
 }
 
 
-def _fused_rows(group, heads, head_dim):
-    """The fused projection's rows of ``heads``: in each of q, k and v, or each head's q, k, v block."""
-    if group.rewrite.segments:
-        return [s * group.parts * head_dim + h * head_dim + i for s in range(3) for h in heads for i in range(head_dim)]
-    return [h * 3 * head_dim + i for h in heads for i in range(3 * head_dim)]
+def _fused_rows(group, parts):
+    """The fused projection's rows of ``parts``: in each of its segments (q, k and v one after
+    another, a segment's rows per part in ``rewrite.segments``), or each part's block of rows."""
+    segments = group.rewrite.segments
+    if segments:
+        offsets = itertools.accumulate((group.parts * w for w in segments[:-1]), initial=0)
+        return [offset + p * w + i for offset, w in zip(offsets, segments) for p in parts for i in range(w)]
+    width = group.part_widths[0]
+    return [p * width + i for p in parts for i in range(width)]
+
+
+def _out_columns(group, parts):
+    width = group.part_widths[-1]
+    return [p * width + i for p in parts for i in range(width)]
+
+
+def _rows(module, index):
+    """Output rows ``index`` of a projection's weight (a Conv1D keeps them as columns)."""
+    return module.weight[:, index] if type(module).__name__ == "Conv1D" else module.weight[index]
+
+
+def _columns(module, index):
+    return module.weight[index] if type(module).__name__ == "Conv1D" else module.weight[:, index]
+
+
+def _as_linear(module, weight):
+    """A slice of a projection's weight as F.linear takes it ([out, in])."""
+    return weight.T if type(module).__name__ == "Conv1D" else weight
 
 
 @pytest.fixture(params=list(FUSED))
@@ -306,21 +335,24 @@ def test_fused_heads_compute_exactly_the_kept_heads(fused):
     assert group.droppable and len(kept) == group.parts // 2
     module = model.get_submodule(attention)
     qkv, out = getattr(module, fused_name), getattr(module, out_name)
-    head_dim = qkv.out_features // (3 * group.parts)
-    rows = _fused_rows(group, kept, head_dim)
-    columns = [h * head_dim + i for h in kept for i in range(head_dim)]
+    head_dim = group.part_widths[-1] // (group.size // group.parts)
     x = _embedded(model, inputs, attention).detach()
     b, t, _ = x.shape
-    projected = torch.nn.functional.linear(x, qkv.weight[rows], qkv.bias[rows])
+    rows, columns = _fused_rows(group, kept), _out_columns(group, kept)
+    projected = torch.nn.functional.linear(x, _as_linear(qkv, _rows(qkv, rows)), qkv.bias[rows])
     if group.rewrite.segments:  # q, k, v one after another
-        q, k, v = (part.view(b, t, len(kept), head_dim).transpose(1, 2) for part in projected.chunk(3, dim=-1))
+        q, k, v = (part.view(b, t, -1, head_dim).transpose(1, 2)
+                   for part in projected.split([len(kept) * w for w in group.rewrite.segments], dim=-1))
     else:  # each head's q, k, v together
         q, k, v = projected.view(b, t, len(kept), 3 * head_dim).transpose(1, 2).chunk(3, dim=-1)
-    if not hasattr(module, "q_norm"):  # nanoGPT, NeoX: causal scaled_dot_product_attention
-        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-    else:  # timm: q/k norms, softmax(q k^T scale) v
+    if hasattr(module, "q_norm"):  # timm: q/k norms, softmax(q k^T scale) v
         y = ((module.q_norm(q) * module.scale) @ module.k_norm(k).transpose(-2, -1)).softmax(-1) @ v
-    expected = torch.nn.functional.linear(y.transpose(1, 2).reshape(b, t, -1), out.weight[:, columns], out.bias)
+    elif isinstance(module, GroupedFusedAttention):  # query heads 2g, 2g + 1 on key/value head g
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    else:  # nanoGPT, NeoX: causal scaled_dot_product_attention
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    expected = torch.nn.functional.linear(y.transpose(1, 2).reshape(b, t, -1), _as_linear(out, _columns(out, columns)),
+                                          out.bias)
     torch.testing.assert_close(module(x), expected)
 
 
@@ -364,28 +396,28 @@ def test_fused_heads_not_kept_are_bitwise_unchanged_after_adamw(fused):
     module = model.get_submodule(attention)
     qkv, out = getattr(module, fused_name), getattr(module, out_name)
     g = [grp.name for grp in ctl.width_groups].index(f"{attention}:heads")
-    heads, head_dim = ctl.width_groups[g].parts, out.in_features // ctl.width_groups[g].parts
+    group = ctl.width_groups[g]
     for _ in range(3):
         kept = ctl._cuts.kept[g]
-        dropped = sorted(set(range(heads)) - set(kept))
-        rows = lambda hs: _fused_rows(ctl.width_groups[g], hs, head_dim)  # noqa: E731
-        columns = [h * head_dim + i for h in dropped for i in range(head_dim)]
-        before = [qkv.weight[rows(dropped)].clone(), qkv.bias[rows(dropped)].clone(), out.weight[:, columns].clone()]
-        kept_before = qkv.weight[rows(kept)].clone()
-        moment = lambda: optimizer.state[qkv.weight]["exp_avg"][rows(dropped)].clone()  # noqa: E731
+        dropped = sorted(set(range(group.parts)) - set(kept))
+        rows, columns = _fused_rows(group, dropped), _out_columns(group, dropped)
+        before = [_rows(qkv, rows).clone(), qkv.bias[rows].clone(), _columns(out, columns).clone()]
+        kept_before = _rows(qkv, _fused_rows(group, kept)).clone()
+        moment = lambda: (optimizer.state[qkv.weight]["exp_avg"][:, rows] if type(qkv).__name__ == "Conv1D"  # noqa: E731
+                          else optimizer.state[qkv.weight]["exp_avg"][rows]).clone()
         moment_before = moment() if optimizer.state else torch.zeros_like(before[0])
         model(*inputs).pow(2).mean().backward()
         optimizer.step()
         optimizer.zero_grad()
-        after = [qkv.weight[rows(dropped)], qkv.bias[rows(dropped)], out.weight[:, columns]]
+        after = [_rows(qkv, rows), qkv.bias[rows], _columns(out, columns)]
         assert all(torch.equal(a, b) for a, b in zip(before, after))
         assert torch.equal(moment(), moment_before)
-        assert not torch.equal(kept_before, qkv.weight[rows(kept)])  # the kept heads did train
+        assert not torch.equal(kept_before, _rows(qkv, _fused_rows(group, kept)))  # the kept heads did train
 
 
 @pytest.mark.parametrize("attention, op", [
-    (GroupedFusedAttention, "segments differ in size ([8, 4, 4] rows per key/value head): a grouped key/value "
-                            "fused layout is not supported"),
+    (SlicedGroupedAttention, "`getitem` at `q, k, v = qkv[..., :q_rows], qkv[..., q_rows:-kv_rows], qkv[..., -kv_rows:]` "
+                             "reads the fused projection's query, key and value segments (of different sizes) at once"),
     (HeadScaledAttention, "`mul` at `attn = ((q @ k.transpose(-2, -1)) * self.head_scale).softmax(dim=-1)` "
                           "combines the heads with head_scale"),
 ])
