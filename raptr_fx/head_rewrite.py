@@ -27,16 +27,18 @@ The graph is traced in training mode: ``self.training`` branches take their trai
 
 from __future__ import annotations
 
+import inspect
 import math
 import operator
 import os
 import types
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import fx, nn
 
+from .errors import RaptrError
 from .residuals import _op_name
 from .tracing import is_shape_query
 from .untouched import untouched
@@ -64,6 +66,14 @@ class HeadRewrite:
     segments: tuple[int, ...]
     # (node, argument, item of a size list or -1): the size arguments that follow the kept parts.
     resized: tuple[tuple[str, int | str, int], ...]
+    # The shapes of the module's tensor arguments (position or name) it was traced for: branches on
+    # sizes are decided for them, at discovery and again at install.
+    example: tuple[tuple[int | str, tuple[int, ...]], ...] = field(default=(), repr=False)
+    # Tensor arguments that default to None and were tensors in the example (an attention mask,
+    # which Hugging Face builds on fake tensors but not for sdpa on real ones), and the resized
+    # sizes of the graph traced without them (None: it cannot be cut): a call picks by presence.
+    optional: tuple[str, ...] = ()
+    resized_without: tuple[tuple[str, int | str, int], ...] | None = field(default=None, repr=False)
 
 
 class Refusal(Exception):
@@ -72,28 +82,152 @@ class Refusal(Exception):
 
 # -- tracing ------------------------------------------------------------------------------------
 class _LeafTracer(fx.Tracer):
-    """torch.fx's tracer with the group's projections as leaves (Hugging Face's Conv1D is none)."""
+    """torch.fx's tracer with the group's projections as leaves (Hugging Face's Conv1D is none).
 
-    def __init__(self, leaves: Iterable[nn.Module]):
+    Given the shapes of the module's arguments (``example``), Python control flow on sizes is
+    decided on fake tensors (``if q_len > 1 and mask is None``: a branch on a shape, taken as the
+    example takes it), ``*x.shape[:-1]`` unpacks to its items, and each decision is kept in the
+    graph as a ``torch._assert``: a call that would branch the other way fails loudly. Hugging
+    Face's attention code needs both. A forward behind a ``functools.wraps`` decorator (argument
+    renaming) is traced unwrapped, and ``**kwargs`` as the example's tensors passed in it.
+    """
+
+    def __init__(self, leaves: Iterable[nn.Module], example: dict[int | str, tuple[int, ...]] | None = None,
+                 like: torch.Tensor | None = None):
         super().__init__()
         self.leaves = set(leaves)
+        self.example, self.like = example, like
+        self.specialized: dict[str, Any] = {}
         self.record_stack_traces = True  # refusals quote the model's line
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return m in self.leaves or super().is_leaf_module(m, module_qualified_name)
 
+    def create_args_for_root(self, root_fn: Callable[..., Any], is_module: bool, concrete_args: Any = None) -> Any:
+        root_fn = inspect.unwrap(root_fn)
+        fn, args = super().create_args_for_root(root_fn, is_module, concrete_args)
+        if root_fn.__code__.co_flags & inspect.CO_VARKEYWORDS:
+            # **kwargs holds the example's tensors passed by a name the signature does not have
+            named = set(inspect.signature(root_fn).parameters)
+            args[-1] = {key: self.create_proxy("placeholder", key, (None,), {}) for key in (self.example or {})
+                        if isinstance(key, str) and key not in named}
+        return fn, args
 
-def trace_attention(module: nn.Module, leaves: Iterable[nn.Module]) -> fx.GraphModule:
-    """The attention module's forward as a graph, traced once in training mode."""
+    def _proxy_placeholder(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        if name.startswith("**"):
+            return None  # a pytree leaf (a dict would make torch.fx flatten the arguments); filled below
+        placeholder = super()._proxy_placeholder(name, *args, **kwargs)
+        if self.example is None or name.startswith("*"):
+            return placeholder
+        # Branches on an argument (``if mask is None``) are taken as in the example: assert the same.
+        if name in self.specialized:  # no tensor in the example: its default
+            value = self.specialized[name]
+            check = self.create_proxy("call_function", operator.is_ if value is None else operator.eq,
+                                      (placeholder, value), {})
+        else:  # a tensor: ``mask is None`` was False
+            value = "a tensor"
+            check = self.create_proxy("call_function", operator.is_not, (placeholder, None), {})
+        message = (f"{type(self.root).__name__}.forward was traced for its heads' cut with {name}={value!s} (as in the "
+                   f"example call) and is called with another {name}: pass {name} as in the example in training "
+                   "(use_cache=False, for a cache) or cut only the MLPs (width_kinds=('mlp',))")
+        self.create_proxy("call_function", torch._assert, (check, message), {})
+        return value if name in self.specialized else placeholder
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        decided = bool(self.evaluate(obj))
+        condition = obj if decided else self.create_proxy("call_function", operator.not_, (obj,), {})
+        self.create_proxy("call_function", torch._assert, (condition, _SPECIALIZED), {})
+        return decided
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _ConcreteProxy(node, self) if self.example is not None else super().proxy(node)
+
+    def iter(self, obj: fx.Proxy) -> Any:
+        value = self.evaluate(obj)
+        if not isinstance(value, (tuple, list)):
+            return super().iter(obj)
+        return iter([obj[i] for i in range(len(value))])
+
+    def evaluate(self, obj: fx.Proxy) -> Any:
+        """The value of a node traced so far, on fake tensors shaped like the example's."""
+        if self.example is None:
+            raise fx.proxy.TraceError(f"{obj.node.name} is branched on or unpacked, and no example shapes are known")
+        graph = fx.Graph()
+        copied: dict[fx.Node, fx.Node] = {}
+        graph.graph_copy(self.graph, copied)
+        graph.output(copied[obj.node])
+        from torch.fx._symbolic_trace import _maybe_revert_all_patches
+
+        with _maybe_revert_all_patches():  # run the modules themselves, not the tracer's patched calls
+            return _run_fake(fx.GraphModule(self.root, graph), self.example, self.like)
+
+
+class _ConcreteProxy(fx.Proxy):
+    """A proxy whose ``len()`` is its example value's (``(*x.shape[:-1], -1, d)`` asks for it)."""
+
+    def __len__(self) -> int:
+        value = self.tracer.evaluate(self)
+        if not isinstance(value, (tuple, list)):
+            raise TypeError(f"len() of {self.node.name}, which is no tuple in the example")
+        return len(value)
+
+
+_SPECIALIZED = ("raptr_fx traced this attention for a branch on a size that this call takes the other way; "
+                "run it with every head (or in eval), or report the model")
+
+
+def trace_attention(module: nn.Module, leaves: Iterable[nn.Module], example: dict[int | str, tuple[int, ...]] | None = None,
+                    like: torch.Tensor | None = None) -> fx.GraphModule:
+    """The attention module's forward as a graph, traced once in training mode; branches on sizes
+    decided for arguments shaped as ``example`` (made like ``like``: its dtype and device)."""
     with untouched(module):  # puts every training flag back too
         module.train()
         try:
-            graph = _LeafTracer(leaves).trace(module)
+            tracer = _LeafTracer(leaves, example, like)
+            tracer.specialized = _specialized_args(module, example)
+            graph = tracer.trace(module)
+            return fx.GraphModule(module, graph, type(module).__name__)
         except Exception as exc:  # noqa: BLE001 - any tracing failure is a refusal with its cause
-            text = str(exc).strip().splitlines()
-            raise Refusal(f"torch.fx cannot trace {type(module).__name__}.forward ({type(exc).__name__}: "
-                          f"{text[0] if text else ''})") from exc
-    return fx.GraphModule(module, graph, type(module).__name__)
+            raise Refusal(f"torch.fx cannot trace {type(module).__name__}.forward ({_first_line(exc)})") from exc
+
+
+def _specialized_args(module: nn.Module, example: dict[int | str, tuple[int, ...]] | None) -> dict[str, Any]:
+    """The arguments that were no tensor in the example call, at their defaults (``cache=None``,
+    ``output_attentions=False``): Python branches on them are taken as the example took them,
+    and the graph asserts that a call passes the same."""
+    if example is None:
+        return {}
+    parameters = list(inspect.signature(inspect.unwrap(type(module).forward)).parameters.values())[1:]
+    return {p.name: p.default for i, p in enumerate(parameters)
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and i not in example and p.name not in example
+            and (p.default is None or type(p.default) in (bool, int, float, str))}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def _run_fake(traced: fx.GraphModule, example: dict[int | str, tuple[int, ...]], like: torch.Tensor | None) -> Any:
+    """Run ``traced`` on fake tensors shaped as ``example`` (keyed by position or name), filling
+    each node's ``meta["val"]``; an argument not in it takes its default."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    values = []
+    for i, node in enumerate(n for n in traced.graph.nodes if n.op == "placeholder"):
+        shape = example.get(i, example.get(node.target))
+        if shape is None:
+            if not node.args:
+                raise Refusal(f"the attention's argument {node.target} was no tensor in the probe: not traced")
+            values.append(node.args[0])  # its default
+            continue
+        with mode:
+            values.append(torch.empty(shape, dtype=like.dtype if like is not None else None,
+                                      device=like.device if like is not None else None))
+    with torch.no_grad():
+        return FakeTensorProp(traced, mode).propagate(*values)
 
 
 # -- the plan: follow the heads' axis -------------------------------------------------------------
@@ -533,7 +667,7 @@ def plan_head_rewrite(module: nn.Module, name: str, producer: str, consumer: str
         Refusal: with the op that fixes the heads in a way the rewrite cannot follow.
     """
     layouts = _layouts(parts, segments)
-    traced = trace_attention(module, leaves)
+    traced = trace_attention(module, leaves, arg_shapes, like)
     _propagate(traced, arg_shapes, like)
     modules = dict(traced.named_modules())
     first: Refusal | None = None
@@ -543,43 +677,97 @@ def plan_head_rewrite(module: nn.Module, name: str, producer: str, consumer: str
         except Refusal as refusal:
             first = first or refusal
             continue
-        return HeadRewrite(name, producer, consumer, parts, sum(segments), cut_segments, tuple(resized))
+        optional = _optional_tensors(module, arg_shapes)
+        without = None
+        if optional:  # the same module called without them: planned too, or refused there
+            shapes = {k: v for k, v in arg_shapes.items() if _name_of(module, k) not in optional}
+            try:
+                bare = trace_attention(module, leaves, shapes, like)
+                _propagate(bare, shapes, like)
+                without = tuple(_Walk(bare.graph, dict(bare.named_modules()), producer, consumer, factors,
+                                      consumer_width).run())
+            except Refusal:
+                pass
+        return HeadRewrite(name, producer, consumer, parts, sum(segments), cut_segments, tuple(resized),
+                           tuple(arg_shapes.items()), optional, without)
     raise first
 
 
-def _propagate(traced: fx.GraphModule, arg_shapes: dict[int | str, tuple[int, ...]], like: torch.Tensor) -> None:
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+def _parameters(module: nn.Module) -> list[inspect.Parameter]:
+    return list(inspect.signature(inspect.unwrap(type(module).forward)).parameters.values())[1:]
 
-    placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    values = []
-    for i, node in enumerate(placeholders):
-        shape = arg_shapes.get(i, arg_shapes.get(node.target))
-        if shape is None:
-            if not node.args:
-                raise Refusal(f"the attention's argument {node.target} was no tensor in the probe: not traced")
-            values.append(node.args[0])  # its default
-            continue
-        with mode:
-            values.append(torch.empty(shape, dtype=like.dtype, device=like.device))
+
+def _name_of(module: nn.Module, key: int | str) -> str | None:
+    """The parameter an example key (a position or a name) binds to."""
+    parameters = _parameters(module)
+    return key if isinstance(key, str) else parameters[key].name if key < len(parameters) else None
+
+
+def _optional_tensors(module: nn.Module, arg_shapes: dict[int | str, tuple[int, ...]]) -> tuple[str, ...]:
+    defaults = {p.name: p.default for p in _parameters(module)}
+    names = [_name_of(module, k) for k in arg_shapes]
+    return tuple(n for n in names if n in defaults and defaults[n] is None)
+
+
+def _propagate(traced: fx.GraphModule, arg_shapes: dict[int | str, tuple[int, ...]], like: torch.Tensor) -> None:
     try:
-        with torch.no_grad():
-            FakeTensorProp(traced, mode).propagate(*values)
+        _run_fake(traced, arg_shapes, like)
+    except Refusal:
+        raise
     except Exception as exc:  # noqa: BLE001
-        text = str(exc).strip().splitlines()
-        raise Refusal(f"its traced graph fails on fake tensors ({type(exc).__name__}: "
-                      f"{text[0] if text else ''})") from exc
+        raise Refusal(f"its traced graph fails on fake tensors ({_first_line(exc)})") from exc
 
 
 # -- the rewrite ------------------------------------------------------------------------------------
 def rewritten_forward(module: nn.Module, rewrite: HeadRewrite, leaves: Iterable[nn.Module]) -> Callable[..., Any]:
     """``module``'s forward with the sizes of ``rewrite.resized`` following the kept parts, bound
     to ``module`` (a function of the call's arguments)."""
-    traced = trace_attention(module, leaves)
+    example = dict(rewrite.example)
+    forward = _rewritten(module, rewrite, leaves, example)
+    if rewrite.optional:  # traced with them, and without them (or a clear error for calls without)
+        without = rewrite.resized_without
+        bare = {k: v for k, v in example.items() if _name_of(module, k) not in rewrite.optional}
+        absent = (_rewritten(module, replace(rewrite, resized=without), leaves, bare) if without is not None
+                  else None)
+        signature = inspect.signature(types.MethodType(inspect.unwrap(type(module).forward), module))
+        with_them = forward
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            bound = signature.bind_partial(*args, **kwargs).arguments
+            if any(bound.get(name) is not None for name in rewrite.optional):
+                return with_them(*args, **kwargs)
+            if absent is None:
+                raise RaptrError(f"{rewrite.module}'s heads are cut for calls passing {', '.join(rewrite.optional)} "
+                                 "(as the example did), and this call passes none: cut only the MLPs of this "
+                                 "model (width_kinds=('mlp',))")
+            return absent(*args, **kwargs)
+
+    return forward
+
+
+def _rewritten(module: nn.Module, rewrite: HeadRewrite, leaves: Iterable[nn.Module],
+               example: dict[int | str, tuple[int, ...]]) -> Callable[..., Any]:
+    like = getattr(module.get_submodule(rewrite.producer), "weight", None)
+    traced = trace_attention(module, leaves, example, like)
     resize_heads(traced.graph, rewrite)
     traced.recompile()
-    return types.MethodType(type(traced).forward, module)
+    forward = types.MethodType(type(traced).forward, module)
+    if not any(p.kind is p.VAR_KEYWORD for p in _parameters(module)):
+        return forward
+    accepted = set(inspect.signature(forward).parameters)
+
+    def without_flags(*args: Any, **kwargs: Any) -> Any:
+        """``**kwargs`` was traced with the example's tensors in it: flags passed in it
+        (``use_cache=False``) are dropped, anything else is an error."""
+        extra = {k: v for k, v in kwargs.items() if k not in accepted}
+        passed = [k for k, v in extra.items() if v is not None and not isinstance(v, bool)]
+        if passed:
+            raise RaptrError(f"{rewrite.module} runs its rewritten forward while its heads are cut, traced with "
+                             f"the example's **kwargs; it was called with {passed[0]}={extra[passed[0]]!r}. Cut only "
+                             "the MLPs of this model (width_kinds=('mlp',)), or call it without that argument")
+        return forward(*args, **{k: v for k, v in kwargs.items() if k in accepted})
+
+    return without_flags
 
 
 def resize_heads(graph: fx.Graph, rewrite: HeadRewrite) -> None:

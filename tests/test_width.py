@@ -77,8 +77,9 @@ def test_gpt2_conv1d_mlp_bert_across_modules_t5_heads_refused():
                                                                 n_positions=32))
     groups = by_name(find_width_groups(gpt2, hf_inputs()))
     assert groups["transformer.h.0.mlp:mlp"].droppable and groups["transformer.h.0.mlp:mlp"].size == 64
-    heads = groups["transformer.h.0.attn:heads"]
-    assert "fused projection (transformer.h.0.attn.c_attn)" in heads.reason and not heads.droppable
+    heads = groups["transformer.h.0.attn:heads"]  # cut without a cache (the gpt2 entry of FUSED below)
+    assert not heads.droppable and "GPT2Attention.forward was traced for its heads' cut with cache=None" in heads.reason
+    assert "pass cache as in the example in training (use_cache=False" in heads.reason
 
     bert = transformers.BertModel(transformers.BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2,
                                                           num_attention_heads=2, intermediate_size=32))
@@ -271,7 +272,27 @@ FUSED = {  # name -> (model, inputs, its first attention module, the projections
     "grouped": (lambda: FusedAttentionStack(GroupedFusedAttention), features, "blocks.0.attn", ("qkv", "proj")),
     "grouped_expand": (lambda: FusedAttentionStack(GroupedExpandAttention), features, "blocks.0.attn", ("qkv", "proj")),
     "grouped_repeat": (lambda: FusedAttentionStack(GroupedRepeatAttention), features, "blocks.0.attn", ("qkv", "proj")),
+    # Hugging Face GPT-2: Conv1D c_attn split by self.split_size, the attention through its sdpa interface
+    "gpt2": (lambda: Logits(gpt2()), tokens, "model.transformer.h.0.attn", ("c_attn", "c_proj")),
 }
+
+
+def gpt2(**config):
+    """A tiny Hugging Face GPT-2 without dropout (train-mode outputs compare bitwise) or a cache."""
+    config = {"vocab_size": VOCAB, "n_embd": 16, "n_layer": 2, "n_head": 2, "n_positions": 32, "use_cache": False,
+              "attn_pdrop": 0.0, "resid_pdrop": 0.0, "embd_pdrop": 0.0, **config}
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(**config))
+
+
+class Logits(nn.Module):
+    """A Hugging Face model called on token ids, returning its logits."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx):
+        return self.model(input_ids=idx).logits
 
 
 def _fused_rows(group, parts):
@@ -317,9 +338,10 @@ def _heads_only(model, inputs, stages="0.5-1", steps=4):
 
 
 def _embedded(model, inputs, attention):
-    """What the attention module receives (its input, recorded by a hook)."""
+    """What the attention module receives (its arguments, recorded by a hook)."""
     seen = []
-    handle = model.get_submodule(attention).register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    handle = model.get_submodule(attention).register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append((args, kwargs)), with_kwargs=True)
     model(*inputs)
     handle.remove()
     return seen[0]
@@ -336,7 +358,8 @@ def test_fused_heads_compute_exactly_the_kept_heads(fused):
     module = model.get_submodule(attention)
     qkv, out = getattr(module, fused_name), getattr(module, out_name)
     head_dim = group.part_widths[-1] // (group.size // group.parts)
-    x = _embedded(model, inputs, attention).detach()
+    args, kwargs = _embedded(model, inputs, attention)
+    x = args[0].detach()
     b, t, _ = x.shape
     rows, columns = _fused_rows(group, kept), _out_columns(group, kept)
     projected = torch.nn.functional.linear(x, _as_linear(qkv, _rows(qkv, rows)), qkv.bias[rows])
@@ -353,7 +376,8 @@ def test_fused_heads_compute_exactly_the_kept_heads(fused):
         y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
     expected = torch.nn.functional.linear(y.transpose(1, 2).reshape(b, t, -1), _as_linear(out, _columns(out, columns)),
                                           out.bias)
-    torch.testing.assert_close(module(x), expected)
+    got = module(x, *args[1:], **kwargs)
+    torch.testing.assert_close(got[0] if isinstance(got, tuple) else got, expected)  # GPT-2's: (output, weights)
 
 
 def test_fused_heads_at_half_width_halve_the_attention_flops(fused):
