@@ -31,6 +31,7 @@ import inspect
 import math
 import operator
 import os
+import traceback
 import types
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Sequence
@@ -188,7 +189,16 @@ def trace_attention(module: nn.Module, leaves: Iterable[nn.Module], example: dic
             graph = tracer.trace(module)
             return fx.GraphModule(module, graph, type(module).__name__)
         except Exception as exc:  # noqa: BLE001 - any tracing failure is a refusal with its cause
-            raise Refusal(f"torch.fx cannot trace {type(module).__name__}.forward ({_first_line(exc)})") from exc
+            raise Refusal(f"torch.fx cannot trace {type(module).__name__}.forward{_line_of(exc, module)} "
+                          f"({_first_line(exc)})") from exc
+
+
+def _line_of(exc: BaseException, module: nn.Module) -> str:
+    """`` at `q, k, v = rearrange(...)` ``: the line of the module's forward that failed, if any."""
+    code = inspect.unwrap(type(module).forward).__code__
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.name == code.co_name
+              and f.filename == code.co_filename]
+    return f" at `{frames[-1].line}`" if frames and frames[-1].line else ""
 
 
 def _specialized_args(module: nn.Module, example: dict[int | str, tuple[int, ...]] | None) -> dict[str, Any]:

@@ -456,15 +456,32 @@ class _Finder:
                 stack.extend(self.tensor_inputs(current))
         return found
 
+    def nearest_modules(self, node: fx.Node, region: set[fx.Node]) -> list[str]:
+        """The modules nearest before ``node`` (a query projected by a convolution, say)."""
+        found, seen, stack = [], set(), [node]
+        while stack:
+            current = stack.pop()
+            if current in seen or current not in region:
+                continue
+            seen.add(current)
+            if current.op == "call_module" and str(current.target) in self.modules:
+                found.append(str(current.target))
+                continue
+            stack.extend(self.tensor_inputs(current))
+        return found
+
     def head_group(self, unit: str, region: set[fx.Node], query: fx.Node, key: fx.Node, value: fx.Node,
                    out: fx.Node, op: str) -> WidthGroup | None:
         sources = [self.nearest_projections(n, region, backwards=True) for n in (query, key, value)]
         consumers = self.nearest_projections(out, region, backwards=False)
         named = sorted(set().union(*sources) | consumers, key=self.first_node)
         if not any(sources):  # projected by something else (1x1 convolutions): no group to cut, but say so
+            modules = sorted({m for n in (query, key, value) for m in self.nearest_modules(n, region)},
+                             key=self.first_node)
+            named = ", ".join(f"{m} ({type(self.modules[m]).__name__})" for m in modules) or "no module"
             return WidthGroup(unit, "heads", 0, (unit,), droppable=False,
-                              reason=f"the {op} attention's query, key and value come from no nn.Linear or "
-                              "Conv1D projection (1x1 convolutions, say): its heads are not cut")
+                              reason=f"the {op} attention's query, key and value come from {named}, no nn.Linear or "
+                              "Conv1D projection: its heads are not cut")
         group = WidthGroup(unit, "heads", 0, tuple(named), params=self.params(named))
 
         def refuse(reason: str) -> WidthGroup:

@@ -453,6 +453,28 @@ def test_fused_heads_the_rewrite_cannot_follow_are_refused_with_the_op(attention
     assert groups["blocks.0.mlp:mlp"].droppable
 
 
+def test_einops_rearrange_of_a_fused_projection_is_refused_with_its_line():
+    """einops checks its argument's type, and a torch.fx proxy is none it knows: the rewrite
+    cannot trace the module, and the refusal quotes the rearrange call."""
+    rearrange = pytest.importorskip("einops").rearrange
+
+    class EinopsAttention(nn.Module):
+        def __init__(self, d: int = 16, heads: int = 4):
+            super().__init__()
+            self.heads, self.to_qkv, self.to_out = heads, nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+        def forward(self, x):
+            q, k, v = rearrange(self.to_qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            return self.to_out(rearrange(y, "b h n d -> b n (h d)"))
+
+    heads = by_name(find_width_groups(FusedAttentionStack(EinopsAttention), features()))["blocks.0.attn:heads"]
+    assert not heads.droppable and "fused projection (blocks.0.attn.to_qkv)" in heads.reason
+    assert ("torch.fx cannot trace EinopsAttention.forward at `q, k, v = rearrange(self.to_qkv(x), "
+            "\"b n (three h d) -> three b h n d\", three=3, h=self.heads)` (RuntimeError: Tensor type unknown to "
+            "einops") in heads.reason
+
+
 # -- schedules, controller ---------------------------------------------------------------------------
 def test_resume_replays_identical_width_decisions():
     def run(resume_at=None):
@@ -681,6 +703,7 @@ def test_attention_projected_by_1x1_convolutions_is_refused_with_a_reason_and_it
     groups = raptr_fx.find_width_groups(nn.Sequential(Block(), Block()), torch.randn(2, 16, 4, 4))
     heads = [g for g in groups if g.kind == "heads"]
     assert heads and all(not g.droppable and "no nn.Linear or Conv1D projection" in g.reason for g in heads)
+    assert "come from 0.attn.q (Conv2d), 0.attn.kv (Conv2d), no nn.Linear" in heads[0].reason
     assert [g.name for g in groups if g.droppable] == ["0:mlp", "1:mlp"]
 
 
