@@ -153,10 +153,11 @@ class _LeafTracer(fx.Tracer):
         """The value of a node traced so far, on fake tensors shaped like the example's."""
         if self.example is None:
             raise fx.proxy.TraceError(f"{obj.node.name} is branched on or unpacked, and no example shapes are known")
+        node = obj.node  # an attribute's node is made on first use: before the copy
         graph = fx.Graph()
         copied: dict[fx.Node, fx.Node] = {}
         graph.graph_copy(self.graph, copied)
-        graph.output(copied[obj.node])
+        graph.output(copied[node])
         from torch.fx._symbolic_trace import _maybe_revert_all_patches
 
         with _maybe_revert_all_patches():  # run the modules themselves, not the tracer's patched calls
@@ -164,7 +165,17 @@ class _LeafTracer(fx.Tracer):
 
 
 class _ConcreteProxy(fx.Proxy):
-    """A proxy whose ``len()`` is its example value's (``(*x.shape[:-1], -1, d)`` asks for it)."""
+    """A proxy whose ``len()`` is its example value's (``(*x.shape[:-1], -1, d)`` asks for it),
+    and whose ``dtype`` is the example's, asserted (``torch.finfo(q.dtype).min``)."""
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = super().__getattr__(name)
+        if name != "dtype":
+            return attribute
+        value = self.tracer.evaluate(attribute)
+        same = self.tracer.create_proxy("call_function", operator.eq, (attribute, value), {})
+        self.tracer.create_proxy("call_function", torch._assert, (same, f"{self.node.name} was traced as {value}"), {})
+        return value
 
     def __len__(self) -> int:
         value = self.tracer.evaluate(self)
@@ -334,11 +345,12 @@ class _Walk:
     """One pass over the attention graph, from the fused projection to the output projection."""
 
     def __init__(self, graph: fx.Graph, modules: dict[str, nn.Module], producer: str, consumer: str,
-                 start: tuple[tuple[int, bool], ...] | _Segments, consumer_width: int):
+                 start: tuple[tuple[int, bool], ...] | _Segments, consumer_width: int,
+                 others: dict[str, tuple[tuple[int, bool], ...]] | None = None):
         self.graph = graph
         self.modules = modules
         self.producer, self.consumer = producer, consumer
-        self.start = start
+        self.starts = {producer: start, **(others or {})}  # separate key and value projections: theirs too
         self.consumer_width = consumer_width
         self.axes: dict[fx.Node, Any] = {}  # tensor -> _Axis; a split's tuple -> tuple of _Axis | None
         self.sizes: dict[fx.Node, int] = {}  # x.size() of a tensor with heads -> the heads' dimension
@@ -348,13 +360,12 @@ class _Walk:
 
     def run(self) -> list[tuple[str, int | str, int]]:
         for node in self.graph.nodes:
-            if node.op == "call_module" and node.target == self.producer:
-                shape = _shape(node)
+            if node.op == "call_module" and node.target in self.starts:
+                shape, start = _shape(node), self.starts[node.target]
                 if shape is None:
-                    raise Refusal(f"no shape for {self.producer}'s output")
+                    raise Refusal(f"no shape for {node.target}'s output")
                 last = len(shape) - 1
-                self.axes[node] = (replace(self.start, dim=last) if isinstance(self.start, _Segments)
-                                   else _Axis(last, self.start))
+                self.axes[node] = replace(start, dim=last) if isinstance(start, _Segments) else _Axis(last, start)
                 continue
             inputs = node.all_input_nodes
             if not any(a in self.axes or a in self.sizes or a in self.following for a in inputs):
@@ -663,7 +674,8 @@ def _layouts(parts: int, segments: tuple[int, ...]) -> list[tuple[tuple[tuple[in
 
 def plan_head_rewrite(module: nn.Module, name: str, producer: str, consumer: str, parts: int,
                       segments: tuple[int, ...], consumer_width: int, leaves: Iterable[nn.Module],
-                      arg_shapes: dict[int | str, tuple[int, ...]], like: torch.Tensor) -> HeadRewrite:
+                      arg_shapes: dict[int | str, tuple[int, ...]], like: torch.Tensor,
+                      others: tuple[tuple[str, int], ...] = ()) -> HeadRewrite:
     """Trace ``module`` and find the size arguments that fix its heads (see the module docstring).
 
     Args:
@@ -672,18 +684,21 @@ def plan_head_rewrite(module: nn.Module, name: str, producer: str, consumer: str
         consumer_width: columns of the output projection one part spans.
         arg_shapes: the shapes of the tensor arguments of the module's first call (the probe's);
             they are made with the dtype and device of ``like`` (the producer's weight).
+        others: separate key and value projections (relative to ``module``) and the rows one part
+            spans in each; ``producer`` is then the query projection and ``segments`` its rows per part.
 
     Raises:
         Refusal: with the op that fixes the heads in a way the rewrite cannot follow.
     """
-    layouts = _layouts(parts, segments)
+    layouts = _layouts(parts, segments) if not others else [(((parts, True), (sum(segments), False)), ())]
+    starts = {other: ((parts, True), (width, False)) for other, width in others}
     traced = trace_attention(module, leaves, arg_shapes, like)
     _propagate(traced, arg_shapes, like)
     modules = dict(traced.named_modules())
     first: Refusal | None = None
     for factors, cut_segments in layouts:
         try:
-            resized = _Walk(traced.graph, modules, producer, consumer, factors, consumer_width).run()
+            resized = _Walk(traced.graph, modules, producer, consumer, factors, consumer_width, starts).run()
         except Refusal as refusal:
             first = first or refusal
             continue
@@ -695,7 +710,7 @@ def plan_head_rewrite(module: nn.Module, name: str, producer: str, consumer: str
                 bare = trace_attention(module, leaves, shapes, like)
                 _propagate(bare, shapes, like)
                 without = tuple(_Walk(bare.graph, dict(bare.named_modules()), producer, consumer, factors,
-                                      consumer_width).run())
+                                      consumer_width, starts).run())
             except Refusal:
                 pass
         return HeadRewrite(name, producer, consumer, parts, sum(segments), cut_segments, tuple(resized),

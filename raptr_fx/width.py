@@ -188,7 +188,7 @@ def _width_groups_seen_through(model: nn.Module, discovery: Discovery, inputs: E
     measured = probe(model, inputs)
     groups = [_planned(model, g, measured) if g.rewrite is not None and g.droppable else g for g in groups]
     groups = _with_flops(groups, measured)
-    return prove(model, inputs, groups, measured)
+    return _with_rewrites(model, inputs, prove(model, inputs, groups, measured), measured)
 
 
 # -- shapes -------------------------------------------------------------------------------------
@@ -645,6 +645,38 @@ def _planned(model: nn.Module, group: WidthGroup, measured: Probe) -> WidthGroup
     return replace(group, rewrite=planned)
 
 
+_PROOF_FAILED = "the model fails with this group cut"
+
+
+def _with_rewrites(model: nn.Module, inputs: ExampleInputs, groups: list[WidthGroup], measured: Probe) -> list[WidthGroup]:
+    """Separate q, k and v projections whose code fixes the head count (``view(b, t, self.n_head,
+    d)``) fail the proof: cut them through a rewrite of their attention module as fused ones are,
+    or add to the refusal the op that stops it."""
+    modules = dict(model.named_modules())
+    retried: dict[str, WidthGroup] = {}
+    for group in groups:
+        module = _common_parent(group.modules)
+        if (group.kind != "heads" or group.droppable or group.rewrite is not None or len(group.modules) != 4
+                or not (group.reason or "").startswith(_PROOF_FAILED) or module is None or module not in measured.calls):
+            continue
+        q, k, v, o = (m[len(module) + 1:] for m in group.modules)
+        try:
+            planned = plan_head_rewrite(modules[module], module, q, o, group.parts, (group.part_widths[0],),
+                                        group.part_widths[-1], [modules[m] for m in group.modules],
+                                        measured.calls[module].arg_shapes, modules[group.cut_targets(0)[0]].weight,
+                                        others=((k, group.part_widths[1]), (v, group.part_widths[2])))
+        except Refusal as refusal:
+            retried[group.name] = replace(group, reason=f"{group.reason}; a rewrite of {module} cannot follow its "
+                                          f"heads either: {refusal}")
+            continue
+        retried[group.name] = replace(group, droppable=True, reason=None, rewrite=planned)
+    if not retried:
+        return groups
+    proved = prove(model, inputs, _with_flops(list(retried.values()), measured), measured)
+    by_name = {g.name: g for g in proved}
+    return [by_name.get(g.name, g) for g in groups]
+
+
 def _common_parent(names: Iterable[str]) -> str | None:
     parents = {n.rpartition(".")[0] for n in names}
     return parents.pop() if len(parents) == 1 else None
@@ -689,6 +721,6 @@ def prove(model: nn.Module, inputs: ExampleInputs, groups: list[WidthGroup], mea
         problem = failure([group])
         if problem is not None:
             refused[group.name] = problem
-    return [replace(g, droppable=False, reason="the model fails with this group cut, so its code fixes the "
+    return [replace(g, droppable=False, reason=f"{_PROOF_FAILED}, so its code fixes the "
                     f"width somewhere (a reshape or split to a constant size): {refused[g.name]}")
             if g.name in refused else g for g in groups]

@@ -13,8 +13,9 @@ import raptr_fx
 from raptr_fx import RaPTr, RaptrError, Stage, WidthRaPTr, find_width_groups, transform
 from tests.distributed import run_ranks
 from tests.fixtures.models import (GPT, FusedAttentionStack, GroupedExpandAttention, GroupedFusedAttention,
-                                   GroupedRepeatAttention, HeadScaledAttention, PerHeadFusedAttention, ResNet,
-                                   SlicedGroupedAttention, ViT, features, images, tokens)
+                                   GroupedRepeatAttention, HeadCountAttention, HeadScaledAttention,
+                                   PerHeadFusedAttention, ResNet, SlicedGroupedAttention, ViT, features, images,
+                                   tokens)
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -98,7 +99,10 @@ def test_gpt2_conv1d_mlp_bert_across_modules_t5_heads_refused():
     assert all(g.droppable for g in mlps)
     heads = [g for g in groups if g.kind == "heads"]
     assert heads and not any(g.droppable for g in heads)
-    assert all("fails with this group cut" in g.reason for g in heads)
+    # view(batch, -1, self.n_heads, d) is followed, the position bias (1, heads, q, k) is not
+    assert all("fails with this group cut" in g.reason and "cannot follow its heads either: "
+               "`scaled_dot_product_attention` at `attn_output = torch.nn.functional.scaled_dot_product_attention(` "
+               "combines the heads with contiguous, shaped [1, 2, 8, 8], which has them too" in g.reason for g in heads)
 
 
 def test_vit_multihead_attention_refused_and_mlp_in_sequential_found():
@@ -272,6 +276,8 @@ FUSED = {  # name -> (model, inputs, its first attention module, the projections
     "grouped": (lambda: FusedAttentionStack(GroupedFusedAttention), features, "blocks.0.attn", ("qkv", "proj")),
     "grouped_expand": (lambda: FusedAttentionStack(GroupedExpandAttention), features, "blocks.0.attn", ("qkv", "proj")),
     "grouped_repeat": (lambda: FusedAttentionStack(GroupedRepeatAttention), features, "blocks.0.attn", ("qkv", "proj")),
+    # separate q, k and v projections viewed to self.n_head: the rewrite starts at each of them
+    "n_head": (lambda: FusedAttentionStack(HeadCountAttention), features, "blocks.0.attn", ("q", "o")),
     # Hugging Face GPT-2: Conv1D c_attn split by self.split_size, the attention through its sdpa interface
     "gpt2": (lambda: Logits(gpt2()), tokens, "model.transformer.h.0.attn", ("c_attn", "c_proj")),
 }
@@ -363,7 +369,10 @@ def test_fused_heads_compute_exactly_the_kept_heads(fused):
     b, t, _ = x.shape
     rows, columns = _fused_rows(group, kept), _out_columns(group, kept)
     projected = torch.nn.functional.linear(x, _as_linear(qkv, _rows(qkv, rows)), qkv.bias[rows])
-    if group.rewrite.segments:  # q, k, v one after another
+    if len(group.modules) == 4:  # separate q, k and v projections, each with the kept heads' rows
+        q, k, v = (torch.nn.functional.linear(x, p.weight[rows], p.bias[rows]).view(b, t, -1, head_dim).transpose(1, 2)
+                   for p in (module.q, module.k, module.v))
+    elif group.rewrite.segments:  # q, k, v one after another
         q, k, v = (part.view(b, t, -1, head_dim).transpose(1, 2)
                    for part in projected.split([len(kept) * w for w in group.rewrite.segments], dim=-1))
     else:  # each head's q, k, v together
