@@ -94,8 +94,8 @@ class _LeafTracer(fx.Tracer):
     """
 
     def __init__(self, leaves: Iterable[nn.Module], example: dict[int | str, tuple[int, ...]] | None = None,
-                 like: torch.Tensor | None = None):
-        super().__init__()
+                 like: torch.Tensor | None = None, opaque: tuple[Callable[..., Any], ...] = ()):
+        super().__init__(autowrap_functions=opaque)
         self.leaves = set(leaves)
         self.example, self.like = example, like
         self.specialized: dict[str, Any] = {}
@@ -195,13 +195,22 @@ def trace_attention(module: nn.Module, leaves: Iterable[nn.Module], example: dic
     with untouched(module):  # puts every training flag back too
         module.train()
         try:
-            tracer = _LeafTracer(leaves, example, like)
+            tracer = _LeafTracer(leaves, example, like, _opaque_functions(module))
             tracer.specialized = _specialized_args(module, example)
             graph = tracer.trace(module)
             return fx.GraphModule(module, graph, type(module).__name__)
         except Exception as exc:  # noqa: BLE001 - any tracing failure is a refusal with its cause
             raise Refusal(f"torch.fx cannot trace {type(module).__name__}.forward{_line_of(exc, module)} "
                           f"({_first_line(exc)})") from exc
+
+
+def _opaque_functions(module: nn.Module) -> tuple[Callable[..., Any], ...]:
+    """einops' functions the module's code calls by name (``from einops import rearrange``): they
+    check their argument's type and know no torch.fx proxy, so they are traced as one call each
+    (a ``rearrange`` the walk reads from its pattern)."""
+    names = inspect.unwrap(type(module).forward).__globals__
+    return tuple(f for f in names.values() if callable(f) and not isinstance(f, type)
+                 and getattr(f, "__module__", "").split(".")[0] == "einops")
 
 
 def _line_of(exc: BaseException, module: nn.Module) -> str:
@@ -412,6 +421,8 @@ class _Walk:
             return self.split(node, name)
         if name == "unbind":
             return self.unbind(node)
+        if name == "rearrange" and getattr(node.target, "__module__", "").startswith("einops"):
+            return self.rearrange(node)
         if name == "repeat_interleave":
             return self.repeat_interleave(node)
         if name == "expand":
@@ -567,6 +578,38 @@ class _Walk:
             else:
                 self.resize(node, size, (key, -1))
 
+    def rearrange(self, node: fx.Node) -> None:
+        """einops' ``rearrange(x, 'b n (three h d) -> three b h n d', three=3, h=heads)``: a reshape
+        to the pattern's axes, a permute and a reshape to its output groups; the size given for
+        the axis that holds the heads follows the kept count."""
+        source, pattern = node.args[0], _arg(node, 1, "pattern")
+        axis, in_shape = self.axes[source], _shape(source)
+        if len(node.args) != 2 or not isinstance(pattern, str) or "->" not in pattern or "..." in pattern:
+            self.refuse(node, "has a pattern the rewrite cannot read")
+        left, right = (_einops_groups(side) for side in pattern.split("->"))
+        sizes = {k: v for k, v in node.kwargs.items() if k != "pattern"}
+        if left is None or right is None or len(left) != len(in_shape) or any(isinstance(v, fx.Node) for v in sizes.values()):
+            self.refuse(node, "has a pattern the rewrite cannot read")
+        lengths: dict[str, int] = {}
+        for group, extent in zip(left, in_shape):
+            known = math.prod(sizes.get(a, 1) for a in group)
+            unknown = [a for a in group if a not in sizes]
+            if len(unknown) > 1 or extent % known:
+                self.refuse(node, "has a pattern the rewrite cannot read")
+            lengths.update({a: sizes.get(a, extent // known) for a in group})
+        names = [a for group in left for a in group]
+        split = _regroup(in_shape, axis, [lengths[a] for a in names])
+        if split is None or sorted(names) != sorted(a for group in right for a in group):
+            self.refuse(node, "mixes the heads with another dimension")
+        heads = names[split.dim]
+        order = [a for group in right for a in group]
+        out = _regroup([lengths[a] for a in order], _Axis(order.index(heads), split.factors), _shape(node))
+        if out is None:
+            self.refuse(node, "mixes the heads with another dimension")
+        self.axes[node] = out
+        if heads in sizes:
+            self.resize(node, sizes[heads], (heads, -1))
+
     def repeat_interleave(self, node: fx.Node) -> None:
         """``k.repeat_interleave(n, dim=1)``: each key/value head repeated for its query heads."""
         axis = self.axes[node.args[0]]
@@ -657,6 +700,25 @@ class _Walk:
         """A size computed from the heads' extent may only size the heads."""
         if any(a in self.following or a in self.sizes for a in node.all_input_nodes if a not in tensors):
             self.refuse(node, "uses a size computed from the heads")
+
+
+def _einops_groups(side: str) -> list[list[str]] | None:
+    """``'b n (three h d)'`` as ``[['b'], ['n'], ['three', 'h', 'd']]``; None for what this reads not."""
+    groups: list[list[str]] = []
+    inner: list[str] | None = None
+    for token in side.replace("(", " ( ").replace(")", " ) ").split():
+        if token == "(" and inner is None:
+            inner = []
+        elif token == ")" and inner is not None:
+            groups.append(inner)
+            inner = None
+        elif token.isidentifier() and inner is not None:
+            inner.append(token)
+        elif token.isidentifier():
+            groups.append([token])
+        else:
+            return None
+    return groups if inner is None else None
 
 
 def _layouts(parts: int, segments: tuple[int, ...]) -> list[tuple[tuple[tuple[int, bool], ...] | _Segments,

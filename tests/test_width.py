@@ -17,6 +17,12 @@ from tests.fixtures.models import (GPT, FusedAttentionStack, GroupedExpandAttent
                                    PerHeadFusedAttention, ResNet, SlicedGroupedAttention, ViT, features, images,
                                    tokens)
 
+try:
+    import einops
+    from einops import rearrange
+except ImportError:  # the einops entry of FUSED is skipped
+    einops = rearrange = None
+
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
@@ -278,9 +284,33 @@ FUSED = {  # name -> (model, inputs, its first attention module, the projections
     "grouped_repeat": (lambda: FusedAttentionStack(GroupedRepeatAttention), features, "blocks.0.attn", ("qkv", "proj")),
     # separate q, k and v projections viewed to self.n_head: the rewrite starts at each of them
     "n_head": (lambda: FusedAttentionStack(HeadCountAttention), features, "blocks.0.attn", ("q", "o")),
+    # einops: rearrange(qkv, 'b n (three h d) -> three b h n d', three=3, h=self.heads), read from its pattern
+    "einops": (lambda: FusedAttentionStack(EinopsAttention), features, "blocks.0.attn", ("to_qkv", "to_out")),
     # Hugging Face GPT-2: Conv1D c_attn split by self.split_size, the attention through its sdpa interface
     "gpt2": (lambda: Logits(gpt2()), tokens, "model.transformer.h.0.attn", ("c_attn", "c_proj")),
 }
+
+
+class EinopsAttention(nn.Module):
+    """lucidrains' style: one projection rearranged by einops to q, k and v of self.heads heads."""
+
+    def __init__(self, d: int = 16, heads: int = 4):
+        super().__init__()
+        self.heads, self.to_qkv, self.to_out = heads, nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x):
+        q, k, v = rearrange(self.to_qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.to_out(rearrange(y, "b h n d -> b n (h d)"))
+
+
+class ModuleEinopsAttention(EinopsAttention):
+    """The same, calling einops.rearrange through the module: a call torch.fx cannot trace."""
+
+    def forward(self, x):
+        q, k, v = einops.rearrange(self.to_qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.to_out(einops.rearrange(y, "b h n d -> b n (h d)"))
 
 
 def gpt2(**config):
@@ -333,6 +363,8 @@ def _as_linear(module, weight):
 
 @pytest.fixture(params=list(FUSED))
 def fused(request):
+    if request.param == "einops" and einops is None:
+        pytest.skip("einops is not installed")
     make, inputs, attention, projections = FUSED[request.param]
     torch.manual_seed(0)
     return make(), inputs(), attention, projections
@@ -462,24 +494,13 @@ def test_fused_heads_the_rewrite_cannot_follow_are_refused_with_the_op(attention
     assert groups["blocks.0.mlp:mlp"].droppable
 
 
-def test_einops_rearrange_of_a_fused_projection_is_refused_with_its_line():
-    """einops checks its argument's type, and a torch.fx proxy is none it knows: the rewrite
-    cannot trace the module, and the refusal quotes the rearrange call."""
-    rearrange = pytest.importorskip("einops").rearrange
-
-    class EinopsAttention(nn.Module):
-        def __init__(self, d: int = 16, heads: int = 4):
-            super().__init__()
-            self.heads, self.to_qkv, self.to_out = heads, nn.Linear(d, 3 * d), nn.Linear(d, d)
-
-        def forward(self, x):
-            q, k, v = rearrange(self.to_qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
-            y = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-            return self.to_out(rearrange(y, "b h n d -> b n (h d)"))
-
-    heads = by_name(find_width_groups(FusedAttentionStack(EinopsAttention), features()))["blocks.0.attn:heads"]
+def test_einops_rearrange_called_through_its_module_is_refused_with_its_line():
+    """``einops.rearrange`` (not a name the module's code imports) is traced into, and einops
+    knows no torch.fx proxy: the refusal quotes the call."""
+    pytest.importorskip("einops")
+    heads = by_name(find_width_groups(FusedAttentionStack(ModuleEinopsAttention), features()))["blocks.0.attn:heads"]
     assert not heads.droppable and "fused projection (blocks.0.attn.to_qkv)" in heads.reason
-    assert ("torch.fx cannot trace EinopsAttention.forward at `q, k, v = rearrange(self.to_qkv(x), "
+    assert ("torch.fx cannot trace ModuleEinopsAttention.forward at `q, k, v = einops.rearrange(self.to_qkv(x), "
             "\"b n (three h d) -> three b h n d\", three=3, h=self.heads)` (RuntimeError: Tensor type unknown to "
             "einops") in heads.reason
 
