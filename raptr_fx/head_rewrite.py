@@ -19,6 +19,11 @@ refusal naming it. At install, :func:`rewritten_forward` replaces each recorded 
 follow the kept count from the data, as ``view(b, t, -1, head_dim)`` would, so under
 ``torch.compile`` a kept size is a shape (one graph per kept size, no per-unit guard).
 
+A grouped key/value layout (q, k and v segments of different sizes) is followed through its
+split; separate q, k and v projections start the walk at each; einops ``rearrange`` is traced as
+one call and read from its pattern. Python branches on sizes and arguments are decided on fake
+tensors shaped like the example's call and asserted in the graph (:class:`_LeafTracer`).
+
 The rewritten code runs with the attention module as ``self`` (its live submodules, parameters and
 buffers: FSDP2, ``load_state_dict(assign=True)`` and ``.to()`` are followed) while the cut is
 active; in eval mode, with every head kept, and after ``remove()`` the module's own forward runs.
@@ -58,7 +63,7 @@ class HeadRewrite:
     """
 
     module: str  # the attention module whose forward is rewritten
-    producer: str  # the fused projection, relative to ``module``
+    producer: str  # the fused projection (separate ones: the query's), relative to ``module``
     consumer: str  # the output projection, relative to ``module``
     parts: int  # key/value heads (each with its query heads)
     rows: int  # rows of the producer one part spans, all segments together

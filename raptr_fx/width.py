@@ -11,12 +11,13 @@ narrowed for a training step without touching anything else:
 * ``heads``: query, key and value projections feeding one attention op (``scaled_dot_product_
   attention``, or ``matmul -> softmax -> matmul``) and the output projection after it. The parts
   are key/value heads, each with the query heads that share it (grouped-query attention), so a
-  cut keeps whole heads. Separate projections need code that sizes its reshapes from the data
-  (``view(b, t, -1, head_dim)``, as Hugging Face models do); a head count fixed in the code is
-  caught by the probe below and reported. A fused projection split into q, k and v by sizes
-  fixed in the code (nanoGPT's ``c_attn(x).split(c, dim=2)``, timm's ``qkv(x).reshape(B, N, 3,
-  heads, head_dim)``) is cut through a rewrite of its attention module's graph
-  (:mod:`raptr_fx.head_rewrite`, ``WidthGroup.rewrite``), or refused with the op it cannot follow.
+  cut keeps whole heads. Separate projections are cut as they are where the code sizes its
+  reshapes from the data (``view(b, t, -1, head_dim)``, as Hugging Face models do); where a head
+  count fixed in the code fails the proof below, and for a fused projection split into q, k and v
+  by sizes fixed in the code (nanoGPT's ``c_attn(x).split(c, dim=2)``, timm's ``qkv(x).reshape(B,
+  N, 3, heads, head_dim)``, a grouped key/value layout, einops), the heads are cut through a
+  rewrite of the attention module's graph (:mod:`raptr_fx.head_rewrite`, ``WidthGroup.rewrite``),
+  or refused with the op it cannot follow.
 
 Each group is proved on fake tensors: the model runs with the group's projections cut and every
 unit's output keeps its shape. Projections are ``nn.Linear`` or Hugging Face's ``Conv1D``
