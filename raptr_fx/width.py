@@ -401,7 +401,9 @@ class _Finder:
             if node not in region:
                 continue
             core = self.attention_core(node)
-            if core is not None:
+            # torch.export traces into nn.MultiheadAttention: its heads are the module's group.
+            if core is not None and not any(isinstance(self.modules.get(m), nn.MultiheadAttention)
+                                            for m in self.traced.scopes.get(node, ())):
                 groups.append(self.head_group(unit, region, *core))
         return [g for g in groups if g is not None]
 

@@ -20,6 +20,7 @@ MODELS = {  # name -> (model, its attention modules in the first unit)
     "encoder": (lambda: TorchTransformer(batch_first=True), ["stack.layers.0.self_attn"]),
     "encoder-seq-first-norm-first": (lambda: TorchTransformer(batch_first=False, norm_first=True),
                                      ["stack.layers.0.self_attn"]),
+    "encoder-causal-exported": (lambda: TorchTransformer(batch_first=True, causal=True), ["stack.layers.0.self_attn"]),
     "decoder": (lambda: TorchTransformer(decoder=True, batch_first=True),
                 ["stack.layers.0.self_attn", "stack.layers.0.multihead_attn"]),
 }
@@ -96,8 +97,13 @@ def test_groups_found_and_discovery_leaves_the_model_as_it_was(mha):
 
 
 def test_torch_transformer_layers_are_units():
-    blocks = raptr_fx.find_blocks(TorchTransformer(decoder=True, norm_first=True), features())
-    assert [b.name for b in blocks] == ["stack.layers.0", "stack.layers.1"] and all(b.droppable for b in blocks)
+    """torch.fx traces through torch's transformer stacks and layers; with a mask, torch.export does."""
+    for model, tracer in [(TorchTransformer(decoder=True, norm_first=True), "torch.fx"),
+                          (TorchTransformer(causal=True), "torch.export")]:
+        found = raptr_fx.discover(model, features())
+        assert found.tracer == tracer
+        assert [b.name for b in found.blocks] == ["stack.layers.0", "stack.layers.1"]
+        assert all(b.droppable for b in found.blocks)
 
 
 @pytest.mark.parametrize("options, reason", [
@@ -210,3 +216,26 @@ def test_heads_not_kept_are_bitwise_unchanged_after_adamw(mha):
         if step == 0:
             assert all(torch.count_nonzero(m) == 0 for m in after[len(before):])  # state made this step: zero
         assert not torch.equal(kept_before, attention.in_proj_weight[rows(kept)])  # the kept heads did train
+
+
+@pytest.mark.compile
+def test_compiled_cut_recompiles_only_when_the_kept_count_changes():
+    """The kept heads are a tensor read per step: a new draw of the same count reuses the graph."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = TorchTransformer(batch_first=True)
+    ctl = _heads_only(model, "0.5-1", steps=6)
+    counter = CompileCounterWithBackend("eager")
+    compiled = torch.compile(model, backend=counter)
+    frames, draws = [], set()
+    for _ in range(6):
+        draws.add(tuple(ctl._cuts.kept[0] or ()))
+        compiled_loss = compiled(*features()).pow(2).mean()
+        compiled_loss.backward()
+        torch.testing.assert_close(compiled_loss, model(*features()).pow(2).mean())
+        frames.append(counter.frame_count)
+        ctl.step()
+    assert len(draws) > 2  # several draws of 2 heads, then every head
+    assert frames[0] == frames[2] and frames[3] == frames[5] and frames[3] - frames[2] <= 1, frames
