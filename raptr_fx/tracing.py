@@ -47,7 +47,7 @@ _TRACER_OPTIONS = {"leaf_modules", "autowrap_functions", "autowrap_modules", "co
 
 # torch.nn's transformer layers and stacks are Python around nn.MultiheadAttention (which stays a
 # leaf): traced through, so their residual adds make units and their attention's heads width groups.
-_TRACED_THROUGH = (nn.TransformerEncoder, nn.TransformerDecoder, nn.TransformerEncoderLayer,
+_TRACED_THROUGH = (nn.Transformer, nn.TransformerEncoder, nn.TransformerDecoder, nn.TransformerEncoderLayer,
                    nn.TransformerDecoderLayer)
 
 ExampleInputs = tuple[tuple[Any, ...], dict[str, Any]]

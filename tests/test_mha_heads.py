@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import raptr_fx
 from raptr_fx import WidthRaPTr, find_width_groups, transform
-from tests.fixtures.models import MultiheadStack, TorchTransformer, features
+from tests.fixtures.models import MultiheadStack, TorchSeq2Seq, TorchTransformer, features
 
 MODELS = {  # name -> (model, its attention modules in the first unit)
     "block": (lambda: MultiheadStack(batch_first=True, masks="causal"), ["blocks.0.attn"]),
@@ -104,6 +104,35 @@ def test_torch_transformer_layers_are_units():
         assert found.tracer == tracer
         assert [b.name for b in found.blocks] == ["stack.layers.0", "stack.layers.1"]
         assert all(b.droppable for b in found.blocks)
+
+
+def test_nn_transformer_heads_are_cut_through_torch_export():
+    model = TorchSeq2Seq()
+    inputs = (features()[0], features()[0][:, :4])
+    groups = by_name(find_width_groups(model, inputs))
+    heads = [name for name, g in groups.items() if g.kind == "heads" and g.droppable]
+    assert heads == [f"transformer.encoder.layers.{i}.self_attn:heads" for i in range(2)] + [
+        f"transformer.decoder.layers.{i}.{attention}:heads" for i in range(2) for attention in ("self_attn", "multihead_attn")]
+    reference = copy.deepcopy(model)
+    ctl = transform(model, WidthRaPTr("0.5-1", total_steps=4, width_kinds=("heads",)), example_inputs=inputs)
+    assert set(ctl.kept_parts.values()) == {2}
+    out = model(*inputs)
+    assert out.shape == reference(*inputs).shape and not torch.equal(out, reference(*inputs))
+    out.pow(2).mean().backward()
+    in_proj = model.transformer.decoder.layers[0].multihead_attn.in_proj_weight
+    assert (in_proj.grad.abs().sum(dim=1) != 0).sum() == 3 * 2 * 4  # q, k and v rows of the 2 kept heads
+
+
+def test_unbatched_input_is_cut_like_a_batch_of_one():
+    model = MultiheadStack(batch_first=True, masks="causal")
+    _heads_only(model)
+    attention = model.blocks[0].attn
+    x = features()[0][0]  # (tokens, D)
+    out, weights = attention(x, x, x, attn_mask=model.blocks[0].attn_mask)
+    batched, batched_weights = attention(x[None], x[None], x[None], attn_mask=model.blocks[0].attn_mask)
+    assert out.shape == x.shape and weights.shape == (5, 5)
+    torch.testing.assert_close(out, batched[0])
+    torch.testing.assert_close(weights, batched_weights[0])
 
 
 @pytest.mark.parametrize("options, reason", [
