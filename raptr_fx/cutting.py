@@ -268,8 +268,8 @@ def _install_multihead(module: nn.MultiheadAttention, group: WidthGroup, cuts: l
     ``in_proj_weight``, the columns of ``out_proj``) only carry each step's indices."""
     name = group.modules[0]
     if name in cut_by or is_cut(module):
-        raise RaptrError(f"{name} of width group {group.name} is already cut (by {cut_by.get(name, 'an earlier transform')})"
-                         ": a projection can be cut by one width group only")
+        raise RaptrError(f"{name} of width group {group.name} is already cut (by "
+                         f"{cut_by.get(name, 'an earlier transform')}): a projection can be cut by one width group only")
     cut_by[name] = group.name
     head_dim = group.part_widths[-1]
     rows = Cut(module, Projection(name, module.embed_dim, 3 * module.embed_dim, False), True, group.part_widths[0],

@@ -603,7 +603,8 @@ def _with_flops(groups: list[WidthGroup], measured: Probe) -> list[WidthGroup]:
             # projections (nn.MultiheadAttention holds its output projection: itself).
             holder = group.producers[0]
             common = holder if group.consumer.startswith(holder + ".") else _common_parent(group.producers)
-            modules = [common, *[m for m in modules if not m.startswith(common + ".")]] if common else modules
+            if common:
+                modules = [common, *[m for m in modules if m != common and not m.startswith(common + ".")]]
         flops = sum(measured.flops.get(m, 0) for m in modules)
         result.append(replace(group, flops_share=flops / measured.total_flops))
     return result

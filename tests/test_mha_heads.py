@@ -68,7 +68,7 @@ def by_hand(attention, heads, query, key, value, key_padding_mask=None, need_wei
         q, k, v = (x @ w[rows + i * e].T + b[rows + i * e] for i, x in enumerate((query, key, value)))
         scores = q @ k.transpose(-2, -1) / math.sqrt(d)
         if attn_mask is not None:
-            mask = attn_mask if attn_mask.dim() == 2 else attn_mask.view(n, attention.num_heads, *attn_mask.shape[1:])[:, h]
+            mask = attn_mask if attn_mask.dim() == 2 else attn_mask.unflatten(0, (n, attention.num_heads))[:, h]
             scores = scores.masked_fill(mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
         if key_padding_mask is not None:
             scores = scores.masked_fill(key_padding_mask.view(n, 1, s), float("-inf"))
@@ -89,7 +89,10 @@ def test_groups_found_and_discovery_leaves_the_model_as_it_was(mha):
         assert group.modules == (name, f"{name}.out_proj") and group.size == group.parts == 4
         assert group.part_widths == (12, 4)  # q, k and v rows of a head; its out_proj columns
         assert group.params == sum(p.numel() for p in model.get_submodule(name).parameters())
-        assert 0 < group.flops_share < 1
+        with FlopCounterMode(display=False) as counter:
+            model(*features())
+        counts = {k: sum(v.values()) for k, v in counter.get_flop_counts().items()}
+        assert group.flops_share == pytest.approx(counts[f"{type(model).__name__}.{name}"] / counts["Global"])
     assert any(g.kind == "mlp" and g.droppable for g in groups.values())
     assert model.state_dict().keys() == before.keys()
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
@@ -112,7 +115,8 @@ def test_nn_transformer_heads_are_cut_through_torch_export():
     groups = by_name(find_width_groups(model, inputs))
     heads = [name for name, g in groups.items() if g.kind == "heads" and g.droppable]
     assert heads == [f"transformer.encoder.layers.{i}.self_attn:heads" for i in range(2)] + [
-        f"transformer.decoder.layers.{i}.{attention}:heads" for i in range(2) for attention in ("self_attn", "multihead_attn")]
+        f"transformer.decoder.layers.{i}.{attention}:heads" for i in range(2)
+        for attention in ("self_attn", "multihead_attn")]
     reference = copy.deepcopy(model)
     ctl = transform(model, WidthRaPTr("0.5-1", total_steps=4, width_kinds=("heads",)), example_inputs=inputs)
     assert set(ctl.kept_parts.values()) == {2}
