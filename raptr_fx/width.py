@@ -17,6 +17,9 @@ narrowed for a training step without touching anything else:
   fixed in the code (nanoGPT's ``c_attn(x).split(c, dim=2)``, timm's ``qkv(x).reshape(B, N, 3,
   heads, head_dim)``) is cut through a rewrite of its attention module's graph
   (:mod:`raptr_fx.head_rewrite`, ``WidthGroup.rewrite``), or refused with the op it cannot follow.
+  An ``nn.MultiheadAttention`` (its own, or inside ``nn.TransformerEncoderLayer``/``DecoderLayer``)
+  is one group, ``(attention, attention.out_proj)``: its forward is replaced while cut
+  (:mod:`raptr_fx.mha_heads`).
 
 Each group is proved on fake tensors: the model runs with the group's projections cut and every
 unit's output keeps its shape. Projections are ``nn.Linear`` or Hugging Face's ``Conv1D``
@@ -40,6 +43,7 @@ from torch import fx, nn
 
 from .discovery import Discovery, _Grouping, _on_model_device, discover
 from .head_rewrite import HeadRewrite, Refusal, plan_head_rewrite
+from .mha_heads import multihead_problem
 from .probe import Probe, probe
 from .residuals import _op_name, dataflow_graph, find_adapters
 from .tracing import ExampleInputs, is_shape_query, normalize_example_inputs
@@ -397,7 +401,9 @@ class _Finder:
             if node not in region:
                 continue
             core = self.attention_core(node)
-            if core is not None:
+            # torch.export traces into nn.MultiheadAttention: its heads are the module's group.
+            if core is not None and not any(isinstance(self.modules.get(m), nn.MultiheadAttention)
+                                            for m in self.traced.scopes.get(node, ())):
                 groups.append(self.head_group(unit, region, *core))
         return [g for g in groups if g is not None]
 
@@ -533,20 +539,15 @@ class _Finder:
 
     # -- the rest -------------------------------------------------------------------------------
     def expert_refusals(self, unit: str, groups: list[WidthGroup]) -> list[WidthGroup]:
-        """Weights a cut cannot narrow: experts stored as one 3-D parameter ([experts, out, in]) and
-        ``nn.MultiheadAttention``'s packed ``in_proj_weight``; no group, so say why."""
+        """Weights no projection holds: experts stored as one 3-D parameter ([experts, out, in]), no
+        group, so say why; and ``nn.MultiheadAttention``'s packed ``in_proj_weight``, a head group."""
         covered = {m for g in groups for m in g.modules}
         found = []
         for name, module in self.modules.items():
             if not name.startswith(unit + ".") or any(name.startswith(c) for c in covered):
                 continue
             if isinstance(module, nn.MultiheadAttention):
-                found.append(WidthGroup(unit, "heads", module.num_heads, (name,), droppable=False,
-                                        params=self.params([name]),
-                                        reason="nn.MultiheadAttention packs query, key and value into one "
-                                        "in_proj_weight and runs F.multi_head_attention_forward, which takes "
-                                        "head_dim as embed_dim // num_heads: fewer heads would need its forward "
-                                        "replaced, which is not supported: its heads are not cut"))
+                found.append(self.multihead_group(unit, name, module))
                 continue
             # [experts, out, in]: a matrix per expert. A [heads, 1, 1] scale (a per-head logit
             # temperature) is 3-D too, but holds no matrix to cut.
@@ -556,6 +557,14 @@ class _Finder:
                                         reason=f"its experts keep their weights in one 3-D parameter "
                                         f"({name}.{stacked[0]}): cutting expert hidden units is not supported"))
         return found
+
+    def multihead_group(self, unit: str, name: str, module: nn.MultiheadAttention) -> WidthGroup:
+        """Its parts are heads: the q, k and v rows of ``in_proj_weight``, the columns of ``out_proj``."""
+        group = WidthGroup(unit, "heads", module.num_heads, (name, f"{name}.out_proj"), parts=module.num_heads,
+                           part_widths=(3 * module.head_dim, module.head_dim), params=self.params([name]))
+        problem = multihead_problem(module) or self.call_problem([name])
+        return group if problem is None else replace(group, droppable=False,
+                                                     reason=f"nn.MultiheadAttention {name}: {problem}")
 
     def without_overlaps(self, groups: list[WidthGroup]) -> list[WidthGroup]:
         """A projection cut by two groups would need both cuts at once: the later group is refused."""
@@ -573,7 +582,9 @@ class _Finder:
         return result
 
     def first_node(self, name: str) -> int:
-        """Where module ``name`` first runs, in graph order."""
+        """Where module ``name`` first runs, in graph order (inside a leaf module: where that runs)."""
+        while name and name not in self.grouping.regions:
+            name = name.rpartition(".")[0]
         return min((self.order[n] for n in self.grouping.regions.get(name, ())), default=0)
 
     def params(self, modules: Iterable[str]) -> int:
@@ -588,9 +599,12 @@ def _with_flops(groups: list[WidthGroup], measured: Probe) -> list[WidthGroup]:
     for group in groups:
         modules = list(group.modules)
         if group.kind == "heads" and group.droppable:
-            # The attention op's own FLOPs shrink with the heads too: count the module holding the projections.
-            common = _common_parent(group.producers)
-            modules = [common, *[m for m in modules if not m.startswith(common + ".")]] if common else modules
+            # The attention op's own FLOPs shrink with the heads too: count the module holding the
+            # projections (nn.MultiheadAttention holds its output projection: itself).
+            holder = group.producers[0]
+            common = holder if group.consumer.startswith(holder + ".") else _common_parent(group.producers)
+            if common:
+                modules = [common, *[m for m in modules if m != common and not m.startswith(common + ".")]]
         flops = sum(measured.flops.get(m, 0) for m in modules)
         result.append(replace(group, flops_share=flops / measured.total_flops))
     return result
