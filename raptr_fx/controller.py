@@ -13,13 +13,14 @@ from torch import nn
 
 from .cutting import (Cut, CutState, FrozenParts, install_cuts, is_cut, is_dtensor, local_part, remove_cuts,
                       tensor_parallel_width_error)
-from .discovery import Block, Discovery, discover, no_blocks_error
+from .discovery import Discovery, discover, no_blocks_error
 from .errors import RaptrError
 from .gates import (CompileFallbackCheck, CompileMode, GatedForward, GateState, check_compile_mode, gate_of,
                     install_gate, move_gate, remove_gates)
 from .schedules import RaPTr, Schedule, StagePlan, overall_compute, plan
+from .units import Block, WidthGroup
 from .usage import UsageMonitor
-from .width import WidthGroup, discovery_inputs, width_groups
+from .width import discovery_inputs, width_groups
 
 __all__ = ["Controller", "transform", "restore"]
 

@@ -32,7 +32,7 @@ from torch import nn
 
 from .errors import RaptrError
 from .head_rewrite import rewritten_forward
-from .width import Projection, WidthGroup, projection_of
+from .units import Projection, WidthGroup, projection_of
 
 __all__ = ["Cut", "CutState", "install_cuts", "remove_cuts", "is_cut", "FrozenParts", "kept_indices", "trial_cuts",
            "tensor_parallel_width_error", "is_dtensor", "local_part"]

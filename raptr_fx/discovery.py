@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any
 
 import networkx as nx
 import torch
@@ -27,16 +27,14 @@ from torch import fx, nn
 
 from .errors import RaptrError
 from .probe import Call, Probe, probe
-from .residuals import Residual, _op_name, dataflow_graph, find_residuals
-from .skipping import ObservedOutput, OutputSlot, Owned, UnitFacts, judge, shared_reason
+from .residuals import Residual, dataflow_graph, find_residuals, op_name
+from .skipping import ObservedOutput, Owned, UnitFacts, judge, shared_reason
 from .tracing import ExampleInputs, TracedModel, normalize_example_inputs, trace
+from .units import Block, DropRule, Granularity
 from .untouched import class_forward, direct_calls, untouched
 from .wrappers import seen_through
 
 __all__ = ["Block", "Discovery", "discover", "find_blocks"]
-
-Granularity = Literal["layer", "branch"]
-DropRule = Literal["identity", "zero"]
 
 # Modules an owned module may be without example inputs to check its shapes: they keep their input's.
 _SHAPE_KEEPING = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.modules.batchnorm._NormBase)
@@ -47,37 +45,6 @@ _ZERO_KEEPING = {"mul", "mul_", "rmul", "neg", "getitem", "to", "_to_copy", "ali
                  "unflatten", "permute", "transpose", "t", "unsqueeze", "squeeze", "expand", "dropout",
                  "native_dropout", "relu", "gelu", "silu", "tanh"}
 _ZERO_KEEPING_MODULES = (nn.Identity, nn.modules.dropout._DropoutNd, nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh)
-
-
-@dataclass(frozen=True)
-class Block:
-    """One candidate unit of the model, in stream order.
-
-    Example:
-        >>> blocks = raptr_fx.find_blocks(model)
-        >>> [b.name for b in blocks if b.droppable]
-        ['transformer.h.0', 'transformer.h.1', ...]
-    """
-
-    name: str  # qualified module name, as in model.named_modules()
-    index: int  # position in stream order among all candidates
-    drop: DropRule  # identity: skipped, returns its input; zero: skipped, returns zeros
-    module_type: str  # class name of the module
-    params: int  # number of parameters inside the unit
-    flops_share: float | None  # share of the model's forward FLOPs (needs example inputs)
-    droppable: bool = True
-    reason: str | None = None  # why the unit cannot be dropped
-    stream_position: int | None = None  # positional index of the stream argument of forward
-    stream_name: str | None = None  # parameter name of the stream argument of forward
-    # What the unit returns: "tensor" (the stream), or a "tuple", "list" or "dict" whose elements
-    # output_slots describe (the stream, an input passed through, a constant), so a gate can rebuild it.
-    output_container: str = "tensor"
-    output_slots: tuple[OutputSlot, ...] = ()
-    # Weights outside the unit that only its branch uses (a parent's norm or layer scale): counted in
-    # params and flops_share, frozen with the unit; the modules holding them are skipped with it.
-    owned: tuple[str, ...] = ()  # qualified parameter names
-    owned_before: tuple[str, ...] = ()  # modules only the unit reads: skipped, they return zeros
-    owned_after: tuple[str, ...] = ()  # zero units: modules on the branch after it: skipped, they return zeros
 
 
 @dataclass
@@ -685,13 +652,13 @@ class _Grouping:
         """Whether ``node`` maps an all-zero branch value to zeros (``gamma * f(x)``, a reshape, dropout)."""
         if node.op == "call_module":
             return isinstance(self.modules.get(str(node.target)), _ZERO_KEEPING_MODULES)
-        name = _op_name(node).removeprefix("__").removesuffix("__")
+        name = op_name(node).removeprefix("__").removesuffix("__")
         if name in ("div", "truediv", "div_"):
             return bool(node.args) and node.args[0] in branch  # zeros divided, not dividing
         return name in _ZERO_KEEPING
 
     def op_label(self, node: fx.Node) -> str:
-        return str(node.target) if node.op == "call_module" else (_op_name(node) or node.name)
+        return str(node.target) if node.op == "call_module" else (op_name(node) or node.name)
 
     def kept_when_skipped(self, name: str, drop: DropRule, residuals: list[Residual],
                           output: ObservedOutput | None) -> set[fx.Node] | None:

@@ -32,24 +32,23 @@ such projection (a raw parameter of its own) cannot be cut, and its groups say s
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, replace
-from typing import Any, Iterable, Literal
+from dataclasses import replace
+from typing import Any, Iterable
 
 import torch
 from torch import fx, nn
 
+from .cutting import trial_cuts
 from .discovery import Discovery, _Grouping, _on_model_device, discover
 from .head_rewrite import HeadRewrite, Refusal, plan_head_rewrite
 from .probe import Probe, probe
-from .residuals import _op_name, dataflow_graph, find_adapters
+from .residuals import dataflow_graph, find_adapters, op_name
 from .tracing import ExampleInputs, is_shape_query, normalize_example_inputs
+from .units import KINDS, Projection, WidthGroup, WidthKind, projection_of
 from .untouched import untouched
 from .wrappers import seen_through
 
-__all__ = ["WidthGroup", "find_width_groups", "width_groups"]
-
-WidthKind = Literal["mlp", "heads"]
-KINDS: tuple[WidthKind, ...] = ("mlp", "heads")
+__all__ = ["WidthGroup", "Projection", "find_width_groups", "width_groups"]
 
 # Ops that act on each hidden unit on its own: a cut hidden layer computes them for the kept units only.
 _ELEMENTWISE = {
@@ -67,78 +66,6 @@ _ATTENTION_OPS = {"scaled_dot_product_attention", "_scaled_dot_product_flash_att
                   "_scaled_dot_product_cudnn_attention"}
 _MATMULS = {"matmul", "bmm", "einsum"}
 _SOFTMAX = {"softmax", "_softmax", "_safe_softmax"}
-
-
-@dataclass(frozen=True)
-class WidthGroup:
-    """One width group of a unit: MLP hidden units or attention heads that a step can cut.
-
-    Example:
-        >>> [(g.unit, g.kind, g.size) for g in raptr_fx.find_width_groups(model, inputs)]
-        [('model.layers.0', 'heads', 4), ('model.layers.0', 'mlp', 128), ...]
-    """
-
-    unit: str  # the unit (residual block) it lies in, as in find_blocks
-    kind: WidthKind  # "mlp" (hidden units) or "heads" (attention heads)
-    size: int  # hidden units H, or query heads
-    modules: tuple[str, ...]  # producer projections, then the consumer projection
-    droppable: bool = True
-    reason: str | None = None  # why it cannot be cut
-    parts: int = 0  # what a cut samples: hidden units, or key/value heads (with their query heads)
-    # Rows (producers) or columns (consumer) of each module that one part spans, in module order.
-    part_widths: tuple[int, ...] = ()
-    params: int = 0  # parameters in the group's projections
-    flops_share: float | None = None  # share of the model's forward FLOPs that scales with the cut
-    # Per module, the projections a cut narrows when it is a linear layer with an adapter (its base
-    # and adapter projections); empty: every module is itself the projection cut.
-    targets: tuple[tuple[str, ...], ...] = ()
-    rewrite: HeadRewrite | None = None  # heads of a fused projection: the attention module's rewrite
-
-    @property
-    def name(self) -> str:
-        """Unique within a model: the innermost module holding all its projections, and the kind
-        (``model.layers.0.mlp:mlp``, ``encoder.layer.0.attention:heads``)."""
-        if len(self.modules) == 1:
-            return f"{self.modules[0]}:{self.kind}"
-        paths = [m.split(".") for m in self.modules]
-        common = []
-        for parts in zip(*paths):
-            if len(set(parts)) != 1:
-                break
-            common.append(parts[0])
-        return f"{'.'.join(common) or self.unit}:{self.kind}"
-
-    @property
-    def producers(self) -> tuple[str, ...]:
-        return self.modules[:-1]
-
-    @property
-    def consumer(self) -> str:
-        return self.modules[-1]
-
-    def cut_targets(self, position: int) -> tuple[str, ...]:
-        """The projections a cut of ``modules[position]`` narrows: the module, or for a linear layer
-        with an adapter, its projections that write its output (producer) or read its input (consumer)."""
-        return self.targets[position] if self.targets else (self.modules[position],)
-
-
-@dataclass(frozen=True)
-class Projection:
-    """A module that maps one feature dimension to another: ``nn.Linear`` or ``Conv1D``."""
-
-    name: str
-    in_features: int
-    out_features: int
-    transposed: bool  # weight stored as [in, out] (Hugging Face Conv1D)
-
-
-def projection_of(name: str, module: nn.Module) -> Projection | None:
-    if isinstance(module, nn.Linear):
-        return Projection(name, module.in_features, module.out_features, False)
-    weight = getattr(module, "weight", None)
-    if type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.dim() == 2:
-        return Projection(name, weight.shape[0], weight.shape[1], True)
-    return None
 
 
 def find_width_groups(model: nn.Module, example_inputs: Any = None, **tracer_options: Any) -> list[WidthGroup]:
@@ -373,8 +300,8 @@ class _Finder:
             return False
         if node.target is operator.getitem:  # element 0 of native_dropout's (output, mask)
             source = node.args[0]
-            return isinstance(source, fx.Node) and _op_name(source) == "native_dropout" and node.args[1] == 0
-        return _op_name(node) in _ELEMENTWISE
+            return isinstance(source, fx.Node) and op_name(source) == "native_dropout" and node.args[1] == 0
+        return op_name(node) in _ELEMENTWISE
 
     def mlp_problem(self, producers: set[str], consumer: Projection) -> str | None:
         for name in sorted(producers):
@@ -403,7 +330,7 @@ class _Finder:
 
     def attention_core(self, node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, fx.Node, str] | None:
         """(query, key, value, output, op) of an attention op, or None."""
-        name = _op_name(node)
+        name = op_name(node)
         if name in _ATTENTION_OPS and len(node.args) >= 3 and all(isinstance(a, fx.Node) for a in node.args[:3]):
             out = node
             if not isinstance(node.meta.get("val"), torch.Tensor) and node.meta.get("val") is not None:
@@ -424,7 +351,7 @@ class _Finder:
         for _ in range(limit):
             if node is None:
                 return None
-            if _op_name(node) in ops:
+            if op_name(node) in ops:
                 return node
             if backwards:
                 values = [a for a in node.all_input_nodes if self.traced.is_value(a) and _shape(a) == _shape(node)]
@@ -643,8 +570,6 @@ def unit_outputs(measured: Probe, units: Iterable[str]) -> dict[str, Any]:
 def prove(model: nn.Module, inputs: ExampleInputs, groups: list[WidthGroup], measured: Probe) -> list[WidthGroup]:
     """Run the model on fake tensors with the groups cut; refuse each group whose cut fails or
     changes a unit's output shape. All groups are tried at once first, then one by one."""
-    from .cutting import trial_cuts
-
     candidates = [g for g in groups if g.droppable]
     if not candidates:
         return groups
