@@ -1,6 +1,6 @@
 """Width cuts: projections that compute only the kept hidden units or heads of a step.
 
-A cut replaces ``forward`` on the projection instances of a :class:`~raptr_fx.width.WidthGroup`
+A cut replaces ``forward`` on the projection instances of a :class:`~raptr_fx.units.WidthGroup`
 (and keeps its state beside it, as ``_raptr_cut``); the class, parameters and state_dict keys are
 untouched, like the depth gates:
 

@@ -41,6 +41,7 @@ from .wrappers import seen_through
 
 __all__ = ["Block", "Discovery", "discover", "find_blocks"]
 
+
 @dataclass
 class Discovery:
     """Everything ``find_blocks`` learned; the CLI renders it."""
@@ -57,9 +58,11 @@ class Discovery:
     # dict, a projection or scaled shortcut in one sublayer). Not in ``blocks``: no unit overlaps another.
     replaced: list[Block] = field(default_factory=list)
     # What the analysis computed once, for its readers (``width.py``), so none traces or probes again:
-    module_graph: ModuleGraph | None = None  # the dataflow graph of ``traced`` with each module's region
-    measured: Probe | None = None  # the probe's record: calls, shapes, FLOPs (None without example inputs)
-    inputs: ExampleInputs | None = None  # the example inputs as (args, kwargs), on the model's device
+    # the dataflow graph of ``traced`` with each module's region, the probe's record (None without
+    # example inputs) and the example inputs as ``(args, kwargs)``, on the model's device.
+    module_graph: ModuleGraph | None = field(default=None, repr=False)
+    measured: Probe | None = field(default=None, repr=False)
+    inputs: ExampleInputs | None = field(default=None, repr=False)
 
     @property
     def droppable(self) -> list[Block]:
@@ -162,6 +165,7 @@ def _on_model_device(model: nn.Module, inputs: ExampleInputs | None) -> ExampleI
 
     args, kwargs = inputs
     return tuple(to_meta(a) for a in args), {k: to_meta(v) for k, v in kwargs.items()}
+
 
 def no_blocks_error(discovery: Discovery) -> RaptrError:
     """No unit can be dropped: either no residual unit was found, or every one was refused (say why)."""

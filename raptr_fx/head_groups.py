@@ -8,8 +8,8 @@ a cut keeps whole heads. Separate projections need code that sizes its reshapes 
 by the width proof (``width.prove``) and reported. A fused projection split into q, k and v by
 sizes fixed in the code (nanoGPT's ``c_attn(x).split(c, dim=2)``, timm's ``qkv(x).reshape(B, N, 3,
 heads, head_dim)``) is cut through a rewrite of its attention module's graph
-(:mod:`raptr_fx.head_rewrite`, ``WidthGroup.rewrite``, planned by :func:`planned`), or refused with
-the op it cannot follow.
+(:mod:`raptr_fx.head_rewrite`, ``WidthGroup.rewrite``, planned by :func:`with_rewrite_planned`),
+or refused with the op it cannot follow.
 """
 
 from __future__ import annotations
@@ -28,13 +28,14 @@ from .tracing import is_shape_query
 from .units import WidthGroup
 from .width_facts import WidthFacts
 
-__all__ = ["HeadGroupFinder", "planned"]
+__all__ = ["HeadGroupFinder", "with_rewrite_planned"]
 
 _ATTENTION_OPS = {"scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
                   "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention",
                   "_scaled_dot_product_cudnn_attention"}
 _MATMULS = {"matmul", "bmm", "einsum"}
 _SOFTMAX = {"softmax", "_softmax", "_safe_softmax"}
+
 
 class HeadGroupFinder:
     """The attention-head groups of each unit (:meth:`head_groups`), cuttable or refused with the reason."""
@@ -166,7 +167,7 @@ class HeadGroupFinder:
     def fused_head_group(self, group: WidthGroup, refuse: Any, heads: int, head_dim: int, kv_heads: int,
                          value_dim: int) -> WidthGroup:
         """Query, key and value split from one projection: cut through a rewrite of the attention
-        module's graph, planned once shapes are known (:func:`planned`)."""
+        module's graph, planned once shapes are known (:func:`with_rewrite_planned`)."""
         fused, o = group.modules
         if kv_heads == 0 or heads % kv_heads:
             return refuse(f"{heads} query heads cannot be grouped over {kv_heads} key/value heads")
@@ -196,7 +197,8 @@ def _common_prefix(a: list[str], b: list[str]) -> list[str]:
         common.append(x)
     return common
 
-def planned(model: nn.Module, group: WidthGroup, measured: Probe) -> WidthGroup:
+
+def with_rewrite_planned(model: nn.Module, group: WidthGroup, measured: Probe) -> WidthGroup:
     """A fused head group with its rewrite planned on the attention module's traced graph, or
     refused with the op the rewrite cannot follow."""
     request = group.rewrite
@@ -214,6 +216,7 @@ def planned(model: nn.Module, group: WidthGroup, measured: Probe) -> WidthGroup:
     except Refusal as refusal:
         return replace(group, droppable=False, rewrite=None, reason=f"{fused}; its heads cannot be cut: {refusal}")
     return replace(group, rewrite=planned)
+
 
 def _shape(node: fx.Node) -> tuple[int, ...] | None:
     val = node.meta.get("val")

@@ -31,6 +31,7 @@ _ELEMENTWISE_MODULES = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Dropo
                         nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.ReLU6, nn.Softplus,
                         nn.Hardtanh)
 
+
 class MlpGroupFinder:
     """The MLP groups of each unit (:meth:`mlp_groups`), cuttable or refused with the reason."""
 

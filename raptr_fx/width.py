@@ -36,7 +36,7 @@ from torch import fx, nn
 
 from .cutting import trial_cuts
 from .discovery import Discovery, discover
-from .head_groups import HeadGroupFinder, planned
+from .head_groups import HeadGroupFinder, with_rewrite_planned
 from .mlp_groups import MlpGroupFinder
 from .probe import Probe, probe
 from .tracing import ExampleInputs
@@ -97,7 +97,8 @@ def _width_groups_seen_through(model: nn.Module, discovery: Discovery) -> list[W
         return [g if g.kind == "mlp" or not g.droppable else
                 replace(g, droppable=False, reason="pass example inputs to count its heads") for g in groups]
     measured = discovery.measured
-    groups = [planned(model, g, measured) if g.rewrite is not None and g.droppable else g for g in groups]
+    groups = [with_rewrite_planned(model, g, measured) if g.rewrite is not None and g.droppable else g
+              for g in groups]
     groups = _with_flops(groups, measured)
     return prove(model, inputs, groups, measured)
 
