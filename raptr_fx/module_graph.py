@@ -22,8 +22,8 @@ class ModuleGraph:
 
     Example:
         >>> graph = raptr_fx.discover(model, inputs).module_graph
-        >>> graph.inputs("transformer.h.0")  # the nodes entering that module's computation
-        [add_3]
+        >>> graph.inputs("transformer.h.0")  # the value nodes its computation reads from outside it
+        [transformer_drop]
     """
 
     def __init__(self, traced: TracedModel, graph: nx.DiGraph):

@@ -28,9 +28,9 @@ class WidthFacts:
     """The projections of a model inside its module graph's regions, and where their outputs are.
 
     Example:
-        >>> facts = WidthFacts(model, raptr_fx.discover(model, inputs).module_graph)
+        >>> facts = WidthFacts(model, raptr_fx.discover(model, inputs).module_graph)  # nanoGPT
         >>> facts.projections["transformer.h.0.mlp.c_fc"]
-        Projection(name='transformer.h.0.mlp.c_fc', in_features=64, out_features=256, transposed=True)
+        Projection(name='transformer.h.0.mlp.c_fc', in_features=16, out_features=64, transposed=False)
     """
 
     def __init__(self, model: nn.Module, module_graph: ModuleGraph):

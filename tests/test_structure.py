@@ -46,8 +46,8 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> list[tuple[str,
     return found
 
 
-def _problems(root: Path) -> tuple[list[str], list[list[str]]]:
-    """Private names imported from another module, and the import cycles, of the package at ``root``."""
+def _import_graph(root: Path) -> tuple[nx.DiGraph, list[str]]:
+    """Module -> the modules it imports, and the private names imported from another module."""
     modules = _modules(root)
     private = []
     graph = nx.DiGraph()
@@ -58,6 +58,12 @@ def _problems(root: Path) -> tuple[list[str], list[list[str]]]:
                 graph.add_edge(name, imported)
             if member.startswith("_") and not member.startswith("__"):
                 private.append(f"{path.relative_to(root.parent)}:{line} imports {imported}.{member}")
+    return graph, private
+
+
+def _problems(root: Path) -> tuple[list[str], list[list[str]]]:
+    """Private names imported from another module, and the import cycles, of the package at ``root``."""
+    graph, private = _import_graph(root)
     cycles = sorted(sorted(cycle) for cycle in nx.simple_cycles(graph))
     return private, cycles
 
@@ -70,6 +76,16 @@ def test_no_module_imports_a_private_name_of_another():
 def test_no_import_cycle():
     _, cycles = _problems(PACKAGE)
     assert cycles == []
+
+
+def test_run_time_code_does_not_load_the_analysis():
+    """Gates and cuts read the value types (``units``), never the analysis that makes them."""
+    graph, _ = _import_graph(PACKAGE)
+    analysis = {"raptr_fx.discovery", "raptr_fx.unit_choice", "raptr_fx.unit_facts", "raptr_fx.module_graph",
+                "raptr_fx.probe", "raptr_fx.width", "raptr_fx.width_facts", "raptr_fx.mlp_groups",
+                "raptr_fx.head_groups"}
+    for module in ("raptr_fx.gates", "raptr_fx.cutting", "raptr_fx.units", "raptr_fx.skipping"):
+        assert nx.descendants(graph, module) & analysis == set(), module
 
 
 def test_the_check_finds_hidden_cycles_and_private_imports(tmp_path):
