@@ -1,6 +1,6 @@
 """Width cuts: projections that compute only the kept hidden units or heads of a step.
 
-A cut replaces ``forward`` on the projection instances of a :class:`~raptr_fx.width.WidthGroup`
+A cut replaces ``forward`` on the projection instances of a :class:`~raptr_fx.units.WidthGroup`
 (and keeps its state beside it, as ``_raptr_cut``); the class, parameters and state_dict keys are
 untouched, like the depth gates:
 
@@ -35,7 +35,7 @@ from torch import nn
 from .errors import RaptrError
 from .head_rewrite import rewritten_forward
 from .mha_heads import multihead_attention
-from .width import Projection, WidthGroup, projection_of
+from .units import Projection, WidthGroup, projection_of
 
 __all__ = ["Cut", "CutState", "install_cuts", "remove_cuts", "is_cut", "FrozenParts", "kept_indices", "trial_cuts",
            "tensor_parallel_width_error", "is_dtensor", "local_part"]
