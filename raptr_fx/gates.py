@@ -34,9 +34,9 @@ import torch.distributed as dist
 from torch import nn
 
 from .cutting import is_dtensor
-from .discovery import Block
 from .errors import RaptrError, RaptrWarning
 from .skipping import signature_of, skipped_output, stream_output, with_stream_output
+from .units import Block
 from .wrappers import is_compiled, wrapper_chain
 
 __all__ = ["GateState", "GatedForward", "OwnedForward", "gate_of", "install_gate", "move_gate", "remove_gates"]

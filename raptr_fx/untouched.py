@@ -29,7 +29,7 @@ from torch.nn.modules.module import register_module_forward_pre_hook
 
 from .skipping import signature_of
 
-__all__ = ["untouched", "class_forward", "direct_calls"]
+__all__ = ["untouched", "class_forward", "direct_calls", "as_discovered"]
 
 # Containers whose contents a forward may change in place (``self._cache[key] = ...``).
 _CONTAINERS = (dict, OrderedDict, list, set)
@@ -161,3 +161,12 @@ def direct_calls(model: nn.Module) -> Iterator[None]:
 def _has_hooks(module: nn.Module) -> bool:
     return bool(module._forward_pre_hooks or module._forward_hooks or module._backward_hooks
                 or module._backward_pre_hooks)
+
+
+@contextlib.contextmanager
+def as_discovered(model: nn.Module) -> Iterator[None]:
+    """The model as discovery's passes see it (trace, probe, and the width proof's runs): nothing
+    they do stays in it, instance forwards that wrap the class's are looked through, and direct
+    ``forward(...)`` calls are module calls. One view for all, so their records line up."""
+    with untouched(model), class_forward(model), direct_calls(model):
+        yield
