@@ -39,6 +39,7 @@ from torch import fx, nn
 
 from .cutting import trial_cuts
 from .discovery import Discovery, discover
+from .errors import RaptrError
 from .head_groups import HeadGroupFinder, with_rewrite_for_separate, with_rewrite_planned
 from .mha_heads import multihead_problem
 from .mlp_groups import MlpGroupFinder
@@ -256,8 +257,11 @@ def prove(model: nn.Module, inputs: ExampleInputs, groups: list[WidthGroup], mea
                 seen = probe(model, inputs)
         except Exception as exc:  # noqa: BLE001 - any error is the model refusing the cut
             exc = exc.__cause__ or exc  # the probe wraps the model's own error
+            if isinstance(exc, RaptrError) or "heads' cut" in str(exc):  # a rewritten forward's own guard
+                return str(exc).strip()
             text = str(exc).strip().splitlines()
-            return f"{type(exc).__name__}: {text[0] if text else ''}"
+            return ("the model's code fixes the width somewhere (a reshape or split to a constant size): "
+                    f"{type(exc).__name__}: {text[0] if text else ''}")
         changed = [u for u in {g.unit for g in trial} if unit_outputs(seen, [u]).get(u) != expected.get(u)]
         return f"the cut changes the output shape of {changed[0]}" if changed else None
 
@@ -268,6 +272,5 @@ def prove(model: nn.Module, inputs: ExampleInputs, groups: list[WidthGroup], mea
         problem = failure([group])
         if problem is not None:
             refused[group.name] = problem
-    return [replace(g, droppable=False, reason=f"{_PROOF_FAILED}, so its code fixes the "
-                    f"width somewhere (a reshape or split to a constant size): {refused[g.name]}")
+    return [replace(g, droppable=False, reason=f"{_PROOF_FAILED}: {refused[g.name]}")
             if g.name in refused else g for g in groups]
