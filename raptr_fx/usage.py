@@ -31,7 +31,7 @@ from .schedules import FullModel
 if TYPE_CHECKING:
     from .controller import Controller
 
-__all__ = ["UsageMonitor"]
+__all__ = ["UsageMonitor", "remove_global_hook"]
 
 # Controller steps may lag or lead optimizer steps by a little for honest reasons (a callback that
 # steps after the optimizer hook fired; mixed-precision steps that GradScaler skipped): warn only
@@ -47,6 +47,18 @@ _hook_handle: Any = None
 def _on_any_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     for monitor in list(_monitors):
         monitor.on_optimizer_step(optimizer)
+
+
+def remove_global_hook() -> None:
+    """Take the global optimizer hook off and forget every monitor; the next controller puts it back.
+
+    For test isolation (``tests/conftest.py``): controllers of one test are not followed in the next.
+    """
+    global _hook_handle
+    if _hook_handle is not None:
+        _hook_handle.remove()
+        _hook_handle = None
+    _monitors.clear()
 
 
 class UsageMonitor:
