@@ -60,10 +60,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-BENCHMARKS = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCHMARKS))
+if not __package__:  # run as `python benchmarks/x.py`: the repository first on the path (raptr_fx, benchmarks)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import ROOT, Row, print_rows  # noqa: E402
+from benchmarks.common import ROOT, Row, print_rows  # noqa: E402
 
 import raptr_fx  # noqa: E402
 
@@ -217,8 +217,8 @@ def count(variants: list[Variant], steps: int) -> list[Count]:
         for variant in variants:
             warmed_step(variant)
         torch._dynamo.reset()
-    setup = (f"import sys; sys.path.insert(0, {str(BENCHMARKS)!r}); sys.path.insert(0, {str(ROOT)!r})\n"
-             "from instructions import Rotation, Variant, warmed_step\n"
+    setup = (f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
+             "from benchmarks.instructions import Rotation, Variant, warmed_step\n"
              f"step = Rotation([warmed_step(Variant(**v)) for v in {[asdict(v) for v in variants]!r}], {steps})")
     timer = Timer("step()", setup=setup, num_threads=1)
     stats = timer.collect_callgrind(number=steps, repeats=len(variants), collect_baseline=False)

@@ -52,10 +52,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import GPT, GPTConfig, ROOT, add_device_args, byte_corpus, default_init, header, set_threads, sync
+if not __package__:  # run as `python benchmarks/x.py`: the repository first on the path (raptr_fx, benchmarks)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import raptr_fx
-from raptr_fx import FullModel, LayerDrop, ProgressiveLayerDrop, RaPTr, Stage, WidthRaPTr
+from benchmarks.common import (GPT, GPTConfig, ROOT, add_device_args, byte_corpus, default_init, header,  # noqa: E402
+                               set_threads, sync)
+
+import raptr_fx  # noqa: E402
+from raptr_fx import FullModel, LayerDrop, ProgressiveLayerDrop, RaPTr, Stage, WidthRaPTr  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "out"
 RESULTS = ROOT / "benchmarks" / "results"
