@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from ._compat import COMPILED_CALL, ORIGINAL_MODULE, supports_step_hooks
 from .cutting import (Cut, CutState, FrozenParts, install_cuts, is_cut, is_dtensor, local_part, remove_cuts,
                       tensor_parallel_width_error)
 from .discovery import Block, Discovery, discover, no_blocks_error
@@ -133,7 +134,7 @@ class Controller:
         # slot still holds its gate's module (C list copies and comparisons, identity first: no call per unit).
         unchanged = all(list(modules) == names and list(modules.values()) == held for modules, names, held in
                         zip(_dict_items(self._slot_parents, "_modules"), self._parent_names, self._parent_modules))
-        if unchanged and not any(map(contains, self._gate_dicts_on_forward, repeat("_compiled_call_impl"))):
+        if unchanged and not any(map(contains, self._gate_dicts_on_forward, repeat(COMPILED_CALL))):
             return
         for i, gate in enumerate(self._gates):
             if gate.displaced():
@@ -586,7 +587,7 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
         if inner is None or inner is current:
             break
         current = inner
-    if not (isinstance(current, torch.optim.Optimizer) and hasattr(current, "_optimizer_step_pre_hooks")):
+    if not (supports_step_hooks(current)):
         raise TypeError(f"attach() needs a torch.optim.Optimizer (or a trainer's wrapper of one), got "
                         f"{type(optimizer).__name__}: pass the optimizer that updates the model's parameters")
     return current
@@ -670,7 +671,7 @@ def _scaling_function(scaling: ScalingRule) -> Callable[[float], float]:
 
 def _refuse_wrapped(model: nn.Module) -> None:
     wrapper = None
-    if hasattr(model, "_orig_mod"):
+    if hasattr(model, ORIGINAL_MODULE):
         wrapper, fix = "torch.compile", "model = raptr_fx.transform(model, ...) first, then torch.compile(model)"
     elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) or (
             type(model).__name__ == "FullyShardedDataParallel"):

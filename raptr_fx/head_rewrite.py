@@ -477,7 +477,7 @@ def plan_head_rewrite(module: nn.Module, name: str, producer: str, consumer: str
 
 
 def _propagate(traced: fx.GraphModule, arg_shapes: dict[int | str, tuple[int, ...]], like: torch.Tensor) -> None:
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    from ._compat import FakeTensorMode
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
     placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]

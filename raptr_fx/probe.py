@@ -27,11 +27,10 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import (DataDependentOutputException, DynamicOutputShapeException,
-                                           FakeTensorMode, UnsupportedOperatorException)
-from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
+from ._compat import (DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode,
+                      UnsupportedOperatorException, tree_map)
 from .errors import ExampleInputsError, describe_inputs
 from .skipping import ObservedOutput, observe
 from .untouched import untouched

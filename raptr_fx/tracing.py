@@ -25,9 +25,9 @@ from typing import Any, Iterable
 import torch
 from torch import fx, nn
 
-from torch._subclasses.fake_tensor import DataDependentOutputException
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
+from ._compat import DataDependentOutputException, soft_unbound_sizes
 from .errors import TracingError
 from .skipping import ObservedOutput, observe
 
@@ -241,19 +241,8 @@ def _export(model: nn.Module, inputs: ExampleInputs) -> tuple[torch.export.Expor
     if not _is_data_dependent(failure):
         raise failure
     notes.append("data-dependent branches resolved with the example inputs' values (torch.export.draft_export)")
-    with _unbound_sizes_allowed():
+    with soft_unbound_sizes():
         return torch.export.draft_export(_TensorOutputs(model), args, kwargs, strict=False), notes
-
-
-def _unbound_sizes_allowed() -> contextlib.AbstractContextManager:
-    """draft_export of ``slot, token = torch.where(mask)`` allocates a size it then finds bound
-    nowhere and stops (PendingUnbackedSymbolNotFound; LongCat-Flash's expert routing). Where torch
-    can let that pass (2.11 and later), it does: only a runtime check of the exported program
-    would be missing, and discovery reads the graph, it never runs it."""
-    config = torch.fx.experimental._config
-    if not hasattr(config, "soft_pending_unbacked_not_found_error"):
-        return contextlib.nullcontext()
-    return config.patch(soft_pending_unbacked_not_found_error=True)
 
 
 def _is_data_dependent(exc: BaseException) -> bool:
