@@ -54,7 +54,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +66,9 @@ if not __package__:  # run as `python benchmarks/x.py`: the repository first on 
 from benchmarks.common import ROOT, Row, print_rows  # noqa: E402
 
 import raptr_fx  # noqa: E402
+
+if TYPE_CHECKING:
+    from torch.utils.benchmark import FunctionCounts
 
 # Compiled variants load their graphs from here (filled by the parent process, read under valgrind).
 CACHE_DIR = Path(tempfile.gettempdir()) / "raptr_fx_instructions_inductor_cache"
@@ -301,8 +304,8 @@ def main() -> None:
                      f"usage monitor: attached against not)")
         notes.append(f"width f={f}: the freeze costs {share(counts, 'width', 'width-unfrozen'):.2%} of the cut step; "
                      f"the cut without it is {ratio(counts, 'width-unfrozen', 'built-f'):.4f}x the model built at f")
-        rows += [(f"eager all-on: every unit on / untransformed", ratio(counts, "all-on", "untransformed"), 1.01),
-                 (f"eager all-on, gates only (no hooks) / untransformed", ratio(counts, "gates", "untransformed"), None),
+        rows += [("eager all-on: every unit on / untransformed", ratio(counts, "all-on", "untransformed"), 1.01),
+                 ("eager all-on, gates only (no hooks) / untransformed", ratio(counts, "gates", "untransformed"), None),
                  (f"eager k={k} of {depth}: gated / built with {k} units", ratio(counts, "k-of-L", "built-k"), 1.03),
                  (f"eager width f={f}: cut / built at f", ratio(counts, "width", "built-f"), 1.05),
                  (f"eager width f={f}: cut without the freeze / built at f", ratio(counts, "width-unfrozen", "built-f"),
@@ -344,9 +347,9 @@ def main() -> None:
         counts = run_group("compiled", {"untransformed": replace(base, compiled="model"),
                                         "regional": replace(base, kind="all-on", compiled="regional"),
                                         "cond": replace(base, kind="all-on", compiled="cond")}, args.steps)
-        rows += [(f"compiled (regional gates) all-on / untransformed compiled", ratio(counts, "regional", "untransformed"),
+        rows += [("compiled (regional gates) all-on / untransformed compiled", ratio(counts, "regional", "untransformed"),
                   1.01),
-                 (f"compiled (cond gates) all-on / untransformed compiled", ratio(counts, "cond", "untransformed"), 1.01)]
+                 ("compiled (cond gates) all-on / untransformed compiled", ratio(counts, "cond", "untransformed"), 1.01)]
         if args.profile:
             notes += [top_functions(counts, "regional", "untransformed"), top_functions(counts, "cond", "untransformed")]
     print("\n" + "\n".join(notes))

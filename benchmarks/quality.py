@@ -456,7 +456,7 @@ def plan_defaults(args: argparse.Namespace) -> None:
     print(f"# defaults search, screen: {len(screen)} runs at raptr's lr {lr:g}, init {init}", flush=True)
     execute(screen, args)
     records = load_results(Path(args.results))
-    loss = lambda p, m, seed: records[make_run(p, m, POINTS[p], lr, init, seed, args).key()]["final_val"]
+    loss = lambda p, m, seed: records[make_run(p, m, POINTS[p], lr, init, seed, args).key()]["final_val"]  # noqa: E731
     winners = [m for m in DEFAULTS_VARIANTS if all(loss(p, m, 0) < loss(p, "raptr", 0) for p in points)]
     confirm = [make_run(p, m, POINTS[p], lr, init, seed, args)
                for seed in VERDICT_SEEDS[1:] for p in points for m in dict.fromkeys([*winners, "pld-equal"])]

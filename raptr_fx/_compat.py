@@ -27,7 +27,7 @@ from torch._subclasses.fake_tensor import (DataDependentOutputException, Dynamic
                                            FakeTensorMode, UnsupportedOperatorException)
 
 try:  # a public pytree, where torch has one
-    from torch.utils.pytree import tree_map  # type: ignore[import-not-found]  # noqa: F401
+    from torch.utils.pytree import tree_map  # noqa: F401
 except ImportError:  # torch 2.13: the private module torch itself uses
     from torch.utils._pytree import tree_map  # noqa: F401
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ._compat import COMPILED_CALL, ORIGINAL_MODULE, supports_step_hooks
-from .cutting import (Cut, CutState, FrozenParts, install_cuts, is_cut, is_dtensor, local_part, remove_cuts,
+from .cutting import (Cut, CutState, FrozenParts, RewrittenHeads, install_cuts, is_cut, is_dtensor, local_part, remove_cuts,
                       tensor_parallel_width_error)
 from .discovery import Block, Discovery, discover, no_blocks_error
 from .errors import RaptrError
@@ -99,7 +99,7 @@ class Controller:
         modules = dict(model.named_modules())
         self._consumers = [modules[g.cut_targets(-1)[0]] for g in self.width_groups]  # their weight's device
         self._gates: list[GatedForward] = []
-        self._cut_forwards: list[Cut] = []
+        self._cut_forwards: list[Cut | RewrittenHeads] = []
         try:  # all or nothing: a failure leaves no gate behind
             if schedule.gates_depth:
                 for i, b in enumerate(self.blocks):
@@ -183,9 +183,8 @@ class Controller:
                 scale[i] = factor
         self._state.set(keep, scale)
         if self.width_groups:
-            kept = self._sample_width(self.schedule.width_fraction(self._step))
-            if pins is not None and pins.width:
-                kept = self._pinned_width(kept, pins.width)
+            drawn = self._sample_width(self.schedule.width_fraction(self._step))
+            kept = self._pinned_width(drawn, pins.width) if pins is not None and pins.width else drawn
             inverse = self.schedule.width_scaling == "inverse"
             scales = [g.parts / len(k) if inverse and k is not None else 1.0 for g, k in zip(self.width_groups, kept)]
             self._cuts.set(kept, scales, [m.weight.device for m in self._consumers])
@@ -362,12 +361,12 @@ class Controller:
         by_flops = all(b.flops_share is not None for b in self.blocks) and all(
             g.flops_share is not None for g in self.width_groups)
         if by_flops:
-            weights = [b.flops_share for b in self.blocks]
+            weights = [b.flops_share or 0.0 for b in self.blocks]  # all known here
         else:
             weights = [float(b.params) for b in self.blocks]
         cut = {b.name: 0.0 for b in self.blocks}
         for group in self.width_groups:
-            cut[group.unit] += group.flops_share if by_flops else float(group.params)
+            cut[group.unit] += (group.flops_share or 0.0) if by_flops else float(group.params)
         return plan(self.schedule, len(self.blocks), weights, [cut[b.name] for b in self.blocks])
 
     @property
@@ -506,7 +505,7 @@ class Controller:
         # gradient visited in Python (a skipped unit's parameters usually have none: nothing to release).
         owners = chain.from_iterable(compress(self._parameter_owners, dropped))
         names = chain.from_iterable(compress(self._parameter_names, dropped))
-        params = list(map(dict.get, _dict_items(owners, "_parameters"), names))  # None: no such parameter now
+        params: list[Any] = list(map(dict.get, _dict_items(owners, "_parameters"), names))  # None: no such parameter now
         for p in compress(params, map(is_not, map(getattr, params, repeat("grad"), repeat(None)), repeat(None))):
             if p.requires_grad and id(p) not in running:
                 p.grad = None
@@ -781,7 +780,7 @@ def transform(
     scaling = schedule.scaling if scaling is None else scaling
     _scaling_function(scaling)
     check_compile_mode(compile_mode)
-    discovery = discover(model, example_inputs, granularity=granularity, **tracer_options)
+    discovery = discover(model, example_inputs, granularity=granularity, **tracer_options)  # type: ignore[arg-type]
     # A width-only schedule drops no unit: it cuts inside every unit found, droppable or not (as
     # find_width_groups reports), and a unit refused for depth is no reason to refuse it.
     blocks = _select(discovery.blocks, include, exclude, droppable_only=schedule.gates_depth)

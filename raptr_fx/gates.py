@@ -26,7 +26,7 @@ skipped, the module returns zeros shaped like its input instead of running.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 import torch.distributed as dist
@@ -108,7 +108,8 @@ class _ZeroGradients(torch.autograd.Function):
 
 def _zeros_spec(param: torch.Tensor) -> tuple:
     if is_dtensor(param):  # tensor parallel: FSDP2 alone swaps in plain unsharded tensors for the forward
-        return (param.shape, param.dtype, param.device, param.device_mesh, tuple(param.placements))
+        return (param.shape, param.dtype, param.device, param.device_mesh,  # type: ignore[attr-defined]  # a DTensor
+                tuple(param.placements))  # type: ignore[attr-defined]
     return (param.shape, param.dtype, param.device, None, None)
 
 
@@ -137,7 +138,7 @@ class GatedForward:
     """
 
     def __init__(self, module: nn.Module, block: Block, index: int, state: GateState, scaled: bool,
-                 slot: tuple[nn.Module, str], owned: list[tuple[nn.Module, str]] = ()):
+                 slot: tuple[nn.Module, str], owned: Sequence[tuple[nn.Module, str]] = ()):
         self.module = module
         self.block = block
         self.index = index
@@ -330,7 +331,8 @@ def _owned_outside_graph(owned: OwnedForward, args: tuple, kwargs: dict) -> Any:
     """Regional mode: decide in Python; a kept module runs its own compiled graph (see _gate_outside_graph)."""
     if owned.compiled_forward is None:
         owned.compiled_forward = torch.compile(owned.original, **owned.gate.state.compile_options)
-    return lowering_backward_at_forward(lambda: owned.decided(args, kwargs, owned.compiled_forward))
+    compiled = owned.compiled_forward
+    return lowering_backward_at_forward(lambda: owned.decided(args, kwargs, compiled))
 
 
 @torch.compiler.disable(reason="raptr_fx's regional gates decide in Python at each unit, so the graph breaks there. "
@@ -344,7 +346,8 @@ def _gate_outside_graph(gate: GatedForward, args: tuple, kwargs: dict) -> Any:
     """
     if gate.compiled_forward is None:
         gate.compiled_forward = torch.compile(gate.original, **gate.state.compile_options)
-    out = lowering_backward_at_forward(lambda: gate.gated(args, kwargs, gate.compiled_forward))
+    compiled = gate.compiled_forward
+    out = lowering_backward_at_forward(lambda: gate.gated(args, kwargs, compiled))
     if not gate.graphs_checked and gate.state.keep[gate.index]:  # the unit ran: it has compiled by now
         gate.graphs_checked = True
         _warn_if_each_unit_compiles_its_own_graph(gate)
@@ -427,7 +430,7 @@ PER_UNIT_GRAPHS_WARNING = 4  # one static and one dynamic graph are normal; more
 def _moved_out_late(gate: GatedForward) -> None:
     """A gate found itself inside a wrapper while it ran: move it out now, and say so if the wrapper
     compiles (this step the unit ran uncompiled, and dynamo may have given up on the wrapper's code)."""
-    chain = [m for m, _ in wrapper_chain(gate.slot[0]._modules[gate.slot[1]])]
+    chain = [m for m, _ in wrapper_chain(gate.slot[0].get_submodule(gate.slot[1]))]
     gate.state.follow_wrappers()
     if any(is_compiled(m) for m in chain):
         wrappers = " > ".join(type(m).__name__ + (" (compiled in place)" if COMPILED_CALL in m.__dict__ else "")
@@ -451,7 +454,7 @@ def install_gate(model: nn.Module, block: Block, index: int, state: GateState, s
     and each module it owns outside it."""
     slot = slot_of(model, block.name)
     owned = [slot_of(model, name) for name in block.owned]
-    gate = GatedForward(slot[0]._modules[slot[1]], block, index, state, scaled, slot, owned)
+    gate = GatedForward(slot[0].get_submodule(slot[1]), block, index, state, scaled, slot, owned)
     gate.module.__dict__[gate.place] = gate
     for name in block.owned_before + block.owned_after:
         companion = OwnedForward(model.get_submodule(name), gate)

@@ -107,7 +107,7 @@ def _run(model: nn.Module, inputs: Inputs, *, fake: bool, count_flops: bool = Tr
     names = {module: name for name, module in model.named_modules(remove_duplicate=False)}
     hooks = [m.register_forward_hook(_recorder(result, names), with_kwargs=True) for m in names]
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
-    counter = FlopCounterMode(display=False) if count_flops else contextlib.nullcontext()
+    counter: Any = FlopCounterMode(display=False) if count_flops else contextlib.nullcontext()
     try:
         with untouched(model), torch.random.fork_rng(devices=devices), torch.no_grad():
             _fake_forward(model, inputs, counter) if fake else _real_forward(model, inputs, counter)

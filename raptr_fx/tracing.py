@@ -16,6 +16,7 @@ import contextlib
 import inspect
 import logging
 import math
+import sys
 import traceback
 from collections import Counter
 from dataclasses import dataclass, field
@@ -122,7 +123,7 @@ class _RecordingTracer(fx.Tracer):
             return False
         return super().is_leaf_module(m, module_qualified_name)
 
-    def call_module(self, m, forward, args, kwargs):  # type: ignore[override]
+    def call_module(self, m, forward, args, kwargs):
         name = self.path_of_module(m)
         self.call_counts[name] += 1
         if self.call_counts[name] == 1:
@@ -235,7 +236,8 @@ def _export(model: nn.Module, inputs: ExampleInputs) -> tuple[torch.export.Expor
             return torch.export.export(_TensorOutputs(model), args, kwargs, strict=False), notes
         except Exception as exc:
             if not _is_data_dependent(exc):
-                failure.add_note(f"retried with {', '.join(masks)} of ones added: {_first_line(exc)}")
+                if sys.version_info >= (3, 11):  # add_note is 3.11's
+                    failure.add_note(f"retried with {', '.join(masks)} of ones added: {_first_line(exc)}")
                 raise failure from exc
             failure = exc
     if not _is_data_dependent(failure):

@@ -77,7 +77,7 @@ def seen_through(model: nn.Module) -> Iterator[Callable[[str], str]]:
                 compiled_calls.append((inner, inner.__dict__.pop(COMPILED_CALL)))
             if getattr(inner, "gradient_checkpointing", False) is True and hasattr(inner, "_gradient_checkpointing_func"):
                 checkpointing.append(inner)
-                inner.gradient_checkpointing = False
+                inner.gradient_checkpointing = False  # type: ignore[assignment]  # a Hugging Face flag, not a Module
             unwrap(inner, child_seen + ".", child_real + ".")
 
     def real_name(name: str) -> str:
@@ -94,7 +94,7 @@ def seen_through(model: nn.Module) -> Iterator[Callable[[str], str]]:
         yield real_name
     finally:
         for module in checkpointing:
-            module.gradient_checkpointing = True
+            module.gradient_checkpointing = True  # type: ignore[assignment]
         for module, compiled_call in compiled_calls:
             module.__dict__[COMPILED_CALL] = compiled_call
         for parent, attribute, wrapper in reversed(slots):

@@ -10,7 +10,6 @@ import copy
 import pytest
 import torch
 
-import raptr_fx
 from raptr_fx import FullModel, RaPTr, RaptrError, Stage, WidthRaPTr, find_blocks, find_width_groups, transform
 from tests.fixtures.models import GPT, tokens
 from tests.fixtures.patterns import with_lora

@@ -13,7 +13,7 @@ def run(model, ctl, steps, optimizer, accumulate=1):
     losses, decisions = [], []
     for _ in range(steps):
         decisions.append(ctl.active)
-        for micro in range(accumulate):
+        for _ in range(accumulate):
             loss = torch.nn.functional.cross_entropy(model(*tokens()).flatten(0, 1), tokens()[0].flatten())
             (loss / accumulate).backward()
         losses.append(loss.item())

@@ -188,7 +188,7 @@ def test_parts_not_kept_are_bitwise_unchanged_after_adamw():
         kept = ctl.kept_indices["model.layers.0.mlp:mlp"]  # (groups are in unit order: heads, mlp)
         assert ctl.width_groups[1].name == "model.layers.0.mlp:mlp"
         dropped = sorted(set(range(32)) - set(kept))
-        state = lambda: [t.clone() for t in optimizer.state[mlp.up_proj.weight].values()
+        state = lambda: [t.clone() for t in optimizer.state[mlp.up_proj.weight].values()  # noqa: E731
                          if torch.is_tensor(t) and t.dim() == 2] if optimizer.state else []
         before = [mlp.gate_proj.weight[dropped].clone(), mlp.up_proj.weight[dropped].clone(),
                   mlp.down_proj.weight[:, dropped].clone()]
@@ -372,7 +372,7 @@ def test_fused_heads_not_kept_are_bitwise_unchanged_after_adamw(fused):
         columns = [h * head_dim + i for h in dropped for i in range(head_dim)]
         before = [qkv.weight[rows(dropped)].clone(), qkv.bias[rows(dropped)].clone(), out.weight[:, columns].clone()]
         kept_before = qkv.weight[rows(kept)].clone()
-        moment = lambda: optimizer.state[qkv.weight]["exp_avg"][rows(dropped)].clone()  # noqa: E731
+        moment = lambda: optimizer.state[qkv.weight]["exp_avg"][rows(dropped)].clone()  # noqa: E731, B023 (called in this iteration)
         moment_before = moment() if optimizer.state else torch.zeros_like(before[0])
         model(*inputs).pow(2).mean().backward()
         optimizer.step()

@@ -165,6 +165,7 @@ class Adoption:
         try:
             if wrapper is not None:
                 model.forward = original
+            assert self.schedule is not None  # check_arguments: a schedule or a controller
             with _autocast_off():
                 self.controller = transform(model, self.schedule, total_steps=steps,
                                             example_inputs=example_inputs, **self.options)
@@ -175,15 +176,17 @@ class Adoption:
         self._settle()
 
     def _settle(self) -> None:
+        controller = self.controller
+        assert controller is not None  # settled once made or given
         if self._pending_state is not None:
-            self.controller.load_state_dict(self._pending_state)
+            controller.load_state_dict(self._pending_state)
             self._pending_state = None
         if self._optimizer is not None:
             optimizer, freeze = self._optimizer
             self._optimizer = None
             self.attach(optimizer, freeze)
         if self.on_made is not None:
-            self.on_made(self.controller)
+            self.on_made(controller)
 
     # -- checkpoints -----------------------------------------------------------------------
     def state(self) -> dict[str, Any] | None:
