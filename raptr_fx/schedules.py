@@ -133,11 +133,11 @@ class RaPTr(Schedule):
     total_steps: int | None = None  # equal-length stages when stages is a string
     fixed_units: Literal["ends"] | Sequence[int] = "ends"  # I: "ends" = first and last unit, as in the paper
     sampling: Sampling = "bernoulli"  # "bernoulli": unit i kept with prob p; "exact": exactly k run
-    scaling: Scaling = "none"  # see README: inverse (1/p) measured worse here
+    scaling: Scaling = "none"  # see docs/schedules.md: inverse (1/p) measured worse here
     # Width per stage alongside the depth stages: "0.5-0.67-0.83-1" or one fraction per stage.
     width: str | Sequence[float] | None = None
     width_kinds: tuple[str, ...] = ("mlp", "heads")  # which width groups the width stages cut
-    width_scaling: Scaling = "none"  # see README: no scaling measured better for width
+    width_scaling: Scaling = "none"  # see docs/width.md: no scaling measured better for width
     resolved: tuple[Stage, ...] = field(init=False, repr=False)
     # Asked at every step: the stages' end steps, and keep probabilities per (stage, L), worked out once.
     _ends: tuple[int, ...] = field(init=False, repr=False, compare=False)
