@@ -25,6 +25,9 @@ Cases, on a residual MLP (blocks ``x + proj(gelu(fc(norm(x))))``, hidden 4 x wid
    while the matmuls it shrinks grow with the rows: 16 rows is the harshest case, and far from the
    thousands of tokens a transformer's step runs, so both are shown.
 
+5. heads: every attention block (nanoGPT's, one fused projection; 4 blocks of 8 heads of 16, 4 x 64
+   tokens) keeping f = 0.5 of its heads against a model built with 4 heads. Target: at most 1.05x.
+
 What raptr_fx adds on the host comes from the same counts: the eager gates without the optimizer
 hooks against the untransformed model (per gate), and with the hooks and the controller's step
 against without (per step).
@@ -38,6 +41,7 @@ AVX-512, and the caches match only under the same settings.
 
     python benchmarks/instructions.py            # eager, narrow, compiled: ~30 min on one core
     python benchmarks/instructions.py --cases wide   # width at 256 rows: ~25 min more
+    python benchmarks/instructions.py --cases heads  # heads cut against half the heads built
     python benchmarks/instructions.py --quick    # a tiny model, eager all-on only: a smoke test (~3 min:
                                                  # valgrind and torch's start-up alone take most of it)
 """
@@ -100,6 +104,35 @@ class ResidualMLP(nn.Module):
         return self.head(x)
 
 
+class Attention(nn.Module):
+    """nanoGPT's causal self-attention with the head count and size given: one fused projection."""
+
+    def __init__(self, width: int, heads: int, head_dim: int):
+        super().__init__()
+        self.heads, self.head_dim, self.inner = heads, head_dim, heads * head_dim
+        self.norm = nn.LayerNorm(width)
+        self.c_attn = nn.Linear(width, 3 * self.inner)
+        self.c_proj = nn.Linear(self.inner, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.c_attn(self.norm(x)).split(self.inner, dim=2)
+        q, k, v = (z.view(b, t, self.heads, self.head_dim).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return x + self.c_proj(y.transpose(1, 2).contiguous().view(b, t, self.inner))
+
+
+class AttentionStack(nn.Module):
+    def __init__(self, width: int, depth: int, heads: int, head_dim: int):
+        super().__init__()
+        self.blocks = nn.ModuleList(Attention(width, heads, head_dim) for _ in range(depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
 @dataclass(frozen=True)
 class Variant:
     """One model and optimizer to count. ``kind``: untransformed, built (k units, or MLPs at
@@ -114,6 +147,7 @@ class Variant:
     units: int | None = None  # k: units on (k-of-L) or built (built)
     fraction: float | None = None  # f: MLP hidden units kept (width) or built (built)
     compiled: str | None = None  # None: eager; "model": untransformed compiled; "regional" / "cond": gates
+    heads: int | None = None  # attention blocks of this many heads (HEAD_DIM each, SEQ tokens) instead of MLPs
 
 
 def build_step(variant: Variant) -> Callable[[], None]:
@@ -121,13 +155,21 @@ def build_step(variant: Variant) -> Callable[[], None]:
     warnings.filterwarnings("ignore", category=raptr_fx.RaptrWarning)  # gates without attach, on purpose
     torch.manual_seed(0)
     hidden = 4 * variant.width
-    model = ResidualMLP(variant.width, variant.depth, hidden)
-    x = torch.randn(variant.batch, variant.width)
-    target = torch.randn(variant.batch, variant.width)
+    if variant.heads is None:
+        model = ResidualMLP(variant.width, variant.depth, hidden)
+        x = torch.randn(variant.batch, variant.width)
+    else:
+        model = AttentionStack(variant.width, variant.depth, variant.heads, HEAD_DIM)
+        x = torch.randn(variant.batch, SEQ, variant.width)
+    target = torch.randn_like(x)
     params = list(model.parameters())
     kind = variant.kind
     ctl = None
-    if kind == "built" and variant.units is not None:
+    if kind == "built" and variant.heads is not None:
+        # The model built with f x heads heads; the optimizer holds only its parameters, as in built-f.
+        model = AttentionStack(variant.width, variant.depth, round(variant.fraction * variant.heads), HEAD_DIM)
+        params = list(model.parameters())
+    elif kind == "built" and variant.units is not None:
         # The model built with k units; the optimizer also holds the other units', as a dropped unit's.
         model.blocks = model.blocks[:variant.units]
     elif kind == "built" and variant.fraction is not None:
@@ -142,7 +184,8 @@ def build_step(variant: Variant) -> Callable[[], None]:
         schedule = raptr_fx.RaPTr([raptr_fx.Stage(FOREVER, active=variant.units)], sampling="exact")
         ctl = raptr_fx.transform(model, schedule)
     elif kind in ("width", "width-unfrozen"):
-        schedule = raptr_fx.WidthRaPTr([raptr_fx.Stage(FOREVER, width=variant.fraction)], width_kinds=("mlp",))
+        kinds = ("mlp",) if variant.heads is None else ("heads",)
+        schedule = raptr_fx.WidthRaPTr([raptr_fx.Stage(FOREVER, width=variant.fraction)], width_kinds=kinds)
         ctl = raptr_fx.transform(model, schedule, example_inputs=(x,))
     elif kind != "untransformed":
         raise ValueError(f"unknown variant kind {kind!r}")
@@ -264,8 +307,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a tiny model, eager all-on only: a smoke test")
     parser.add_argument("--steps", type=int, default=5, help="counted steps per variant (the counts are per step)")
     parser.add_argument("--cases", default="eager,narrow,compiled",
-                        help="eager (all-on, k of L, width), narrow (48 units), compiled (all-on, both modes) "
-                             f"and/or wide (width at {WIDE_BATCH} rows, ~25 min: not in the default)")
+                        help="eager (all-on, k of L, width), narrow (48 units), compiled (all-on, both modes), "
+                             f"wide (width at {WIDE_BATCH} rows, ~25 min) and/or heads (attention heads cut "
+                             "against a model built with half the heads); wide and heads are not in the default")
     parser.add_argument("--profile", action="store_true", help="print the functions behind each gap")
     args = parser.parse_args()
     if args.quick:
@@ -343,6 +387,20 @@ def main() -> None:
                   ratio(counts, "width-unfrozen", "built-f"), None)]
         if args.profile:
             notes.append(top_functions(counts, "width", "built-f"))
+    if "heads" in cases:
+        attention = replace(base, depth=HEADS_DEPTH, batch=HEADS_BATCH, heads=HEADS)
+        counts = run_group("heads", {"heads": replace(attention, kind="width", fraction=f),
+                                     "heads-unfrozen": replace(attention, kind="width-unfrozen", fraction=f),
+                                     "built-h": replace(attention, kind="built", fraction=f)}, args.steps)
+        shape = f"{HEADS} heads of {HEAD_DIM}, {HEADS_BATCH}x{SEQ} tokens"
+        notes.append(f"heads f={f} ({shape}): the freeze costs {share(counts, 'heads', 'heads-unfrozen'):.2%} of the "
+                     f"cut step; the cut without it is {ratio(counts, 'heads-unfrozen', 'built-h'):.4f}x the model "
+                     f"built with {round(f * HEADS)} heads")
+        rows += [(f"heads f={f}: cut / built with {round(f * HEADS)} heads", ratio(counts, "heads", "built-h"), 1.05),
+                 (f"heads f={f}: cut without the freeze / built with {round(f * HEADS)} heads",
+                  ratio(counts, "heads-unfrozen", "built-h"), None)]
+        if args.profile:
+            notes.append(top_functions(counts, "heads", "built-h"))
     if "compiled" in cases:
         counts = run_group("compiled", {"untransformed": replace(base, compiled="model"),
                                         "regional": replace(base, kind="all-on", compiled="regional"),
@@ -359,6 +417,8 @@ def main() -> None:
 
 NARROW_UNITS = 48
 WIDE_BATCH = 256  # rows per step of the wide width case
+# The heads case: 4 attention blocks of 8 heads of 16 (width 128), 4 sequences of 64 tokens.
+HEADS, HEAD_DIM, HEADS_DEPTH, HEADS_BATCH, SEQ = 8, 16, 4, 4, 64
 
 if __name__ == "__main__":
     main()

@@ -132,6 +132,13 @@ WIDTH_METHODS = {
     "width": "WidthRaPTr 0.25-0.5-0.75-1 (MLP hidden units)",
     "depth-width": "RaPTr 9-10-11-12 x width 0.5-0.7-0.85-1 (both grow every stage)",
 }
+# Heads cut too (issue 22): the fused c_attn's heads and the MLP's units, schedules chosen for 0.75
+# block compute with round(f x heads) kept heads (3 heads at A, 2 at B; C's one head cannot be cut).
+HEADS_METHODS = {
+    "width-heads": "WidthRaPTr 0.5-0.7-0.8-1 (MLP hidden units and attention heads)",
+    "depth-width-heads": "RaPTr 9-10-11-12 x width 0.7-0.8-0.9-1 (MLP hidden units and attention heads)",
+}
+HEADS_POINTS = ("A", "B")
 WIDTH_LRS = (2e-3, 4e-3, 8e-3, 1.6e-2)  # around the tuned LRs of full (4e-3) and raptr (8e-3); 2e-3: 4e-3 was best
 
 
@@ -170,6 +177,10 @@ def schedule_for(method: str, steps: int) -> tuple[raptr_fx.Schedule, dict]:
                           width_scaling="inverse" if method == "width-inverse" else "none"), {}
     if method == "depth-width":
         return RaPTr("9-10-11-12", total_steps=steps, width="0.5-0.7-0.85-1", width_kinds=("mlp",)), {"scaling": "none"}
+    if method == "width-heads":
+        return WidthRaPTr("0.5-0.7-0.8-1", total_steps=steps, width_kinds=("mlp", "heads")), {}
+    if method == "depth-width-heads":
+        return RaPTr("9-10-11-12", total_steps=steps, width="0.7-0.8-0.9-1", width_kinds=("mlp", "heads")), {"scaling": "none"}
     stages = method.removeprefix("raptr-")
     if not stages[:1].isdigit():
         stages = "6-8-10-12"
@@ -430,6 +441,16 @@ def plan_width(args: argparse.Namespace) -> None:
     execute(verdict, args)
 
 
+def plan_heads(args: argparse.Namespace) -> None:
+    """Heads cut too (after --plan width): at width's best setting, A and B x 3 seeds, seed by seed."""
+    lr, init = best_width_setting(load_results(Path(args.results)))
+    runs = [make_run(p, m, POINTS[p], lr, init, seed, args)
+            for p, m in itertools.product(HEADS_POINTS, HEADS_METHODS) for seed in VERDICT_SEEDS]
+    runs.sort(key=lambda r: (r.method == "depth-width-heads" and r.point != "A", r.seed))  # what is asked first
+    print(f"# heads verdict at lr {lr:g}, init {init} ({len(runs)} runs)", flush=True)
+    execute(runs, args)
+
+
 def seed0_losses(records: dict[str, dict], point: str, method: str) -> dict[float, float]:
     """Final validation loss by peak LR of ``method``'s seed-0 runs at ``point`` (GPT-2 init, the
     point's own width and steps): an LR grid."""
@@ -642,19 +663,20 @@ def width_table(records: dict[str, dict], best: dict, args: argparse.Namespace) 
                  else "(not run)" for lr in WIDTH_LRS) + " |", "",
              f"#### Width-wise RaPTr at lr {setting[0]:g}, {setting[1]} (width's best at A), per seed; "
              "the other methods at their own best settings; all but full at 0.75 block compute", "",
-             "| point | method | seeds | final val loss | minus full-short (equal compute) | minus full (equal steps) | "
-             "minus raptr (depth-wise) |", "|---|---|---|---|---|---|---|"]
+             "| point | method | seeds | final val loss | block compute | minus full-short (equal compute) | "
+             "minus full (equal steps) | minus raptr (depth-wise) |", "|---|---|---|---|---|---|---|---|"]
     methods = {m: best.get(m) for m in VERDICT_METHODS}
     for name in ("A", "B", "C"):
         base = {m: by_seed(records, name, m, s, args) for m, s in methods.items() if s is not None}
-        for method in (*WIDTH_METHODS, "width-inverse"):
+        for method in (*WIDTH_METHODS, "width-inverse", *HEADS_METHODS):
             mine = by_seed(records, name, method, setting, args)
             if not mine:
                 continue
             gaps = {m: [mine[seed]["final_val"] - rec[seed]["final_val"] for seed in mine if seed in rec]
                     for m, rec in base.items()}
             lines.append(f"| {name} | {method} | {', '.join(map(str, sorted(mine)))} | "
-                         f"{_fmt([r['final_val'] for r in mine.values()])} | {_fmt(gaps.get('full-short', []))} | "
+                         f"{_fmt([r['final_val'] for r in mine.values()])} | "
+                         f"{statistics.fmean(r['block_compute'] for r in mine.values()):.3f} | {_fmt(gaps.get('full-short', []))} | "
                          f"{_fmt(gaps.get('full', []))} | {_fmt(gaps.get('raptr', []))} |")
     return lines + [""]
 
@@ -823,9 +845,10 @@ def main() -> None:
     parser.add_argument("--results", default=None,
                         help=f"JSON-lines file of finished runs; appended to, and runs in it are skipped "
                              f"(default with --plan/--report: {RUNS_FILE.relative_to(ROOT)})")
-    parser.add_argument("--plan", choices=["tuned", "defaults", "width"], default=None,
+    parser.add_argument("--plan", choices=["tuned", "defaults", "width", "heads"], default=None,
                         help="tuned: the tuning grid then the verdict; defaults: the defaults search (after tuned); "
-                             "width: width-wise RaPTr's grid and verdict (after tuned)")
+                             "width: width-wise RaPTr's grid and verdict (after tuned); heads: width with the "
+                             "attention heads cut too, at width's setting (after width)")
     parser.add_argument("--report", action="store_true", help="tables and plots of --results; runs nothing")
     args = parser.parse_args()
     set_threads(args.threads)
@@ -837,7 +860,7 @@ def main() -> None:
     print(header(args), flush=True)
     if args.plan:
         print(f"# plan {args.plan}: results in {args.results}, {args.jobs} job(s) x {args.threads} thread(s)", flush=True)
-        {"tuned": plan_tuned, "defaults": plan_defaults, "width": plan_width}[args.plan](args)
+        {"tuned": plan_tuned, "defaults": plan_defaults, "width": plan_width, "heads": plan_heads}[args.plan](args)
         print(tuned_report(args))
         return
     if args.quick:

@@ -18,6 +18,8 @@ side by side. Target: at least 22% less.
 5. Narrow and deep (``--cases narrow``): 48 units of width 64, batch 32, half on: k/ideal against a
    fair ideal line (its optimizer holds the missing units' parameters, without gradients) and
    raptr_fx's own host time per step as a share of the step. Targets: 1.03 and 1%.
+6. Heads (``--cases heads``): WidthRaPTr cutting the attention heads (the fused ``c_attn``) at
+   f = 0.5 against a model built with half the heads (target: within 5%), and f = 1 (at most 2%).
 
 How ratios are measured: the variants run in rounds of ``--steps`` steps each, in an order rotated
 every round; each ratio is taken within each round, and the rounds' ratios are summarized by their
@@ -296,6 +298,71 @@ def measure_width(args: argparse.Namespace, mode: str) -> list[Row]:
     return rows
 
 
+class FewerHeads(nn.Module):
+    """nanoGPT's attention built with ``heads`` heads of ``head_dim``: what a head cut can at best reach."""
+
+    def __init__(self, width: int, heads: int, head_dim: int, device: torch.device):
+        super().__init__()
+        self.heads, self.head_dim, self.inner = heads, head_dim, heads * head_dim
+        self.c_attn = nn.Linear(width, 3 * self.inner, device=device)
+        self.c_proj = nn.Linear(self.inner, width, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = (z.view(b, t, self.heads, self.head_dim).transpose(1, 2)
+                   for z in self.c_attn(x).split(self.inner, dim=2))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(b, t, self.inner))
+
+
+def with_heads(model: GPT, fraction: float) -> GPT:
+    """A copy of ``model`` whose attentions are built with ``fraction`` of their heads."""
+    small = copy.deepcopy(model)
+    for block in small.transformer.h:
+        width, heads = block.attn.c_attn.in_features, block.attn.n_head
+        block.attn = FewerHeads(width, round(fraction * heads), width // heads, block.attn.c_attn.weight.device)
+    return small
+
+
+def measure_heads(args: argparse.Namespace, mode: str) -> list[Row]:
+    """Attention heads cut at f = 0.5 (the fused c_attn rewritten) against the model built with half the heads."""
+    compiled = mode != "eager"
+    fresh_compiler()
+    base = build(args)
+    if base.transformer.h[0].attn.n_head < 2:
+        raise SystemExit(f"--cases heads needs at least 2 heads: --width {args.width} gives 1 (width // 32)")
+    counter = CompileCounterWithBackend("inductor")
+    cut = copy.deepcopy(base)
+    fractions = (0.5, 1.0)
+    schedule = raptr_fx.WidthRaPTr([raptr_fx.Stage(1, width=f) for f in fractions], width_kinds=("heads",))
+    ctl = raptr_fx.transform(cut, schedule, example_inputs=(base_batch(args)[:, :-1],), compile_mode="regional")
+    runners = {"base": Runner(base, args, compiled), "built0.5": Runner(with_heads(base, 0.5), args, compiled),
+               "cut": Runner(cut, args, compiled, counter)}
+    ctl.attach(runners["cut"].optimizer, step_with_optimizer=False)  # pinned to each stage below
+    for name in ("base", "built0.5"):
+        runners[name].per_step(args.warmup)
+    for stage in range(len(fractions)):
+        pin_stage(ctl, stage)
+        runners["cut"].per_step(args.warmup)
+    frames_after_warmup = counter.frame_count
+    timing = Interleaved({"base": runners["base"].step, "built0.5": runners["built0.5"].step,
+                          **{f"f{f}": runners["cut"].step for f in fractions}}, args.device,
+                         before={f"f{f}": settle(ctl, stage, runners["cut"]) for stage, f in enumerate(fractions)})
+    timing.run(args.rounds, args.steps)
+    heads = base.transformer.h[0].attn.n_head
+    rows: list[Row] = [
+        (f"{mode} heads f=1 overhead (all kept / untransformed)", timing.ratio(lambda r: r["f1.0"] / r["base"]), 1.02),
+        (f"{mode} heads f=0.5: cut / built with {heads // 2} of {heads} heads",
+         timing.ratio(lambda r: r["f0.5"] / r["built0.5"]), 1.05),
+        (f"{mode} heads f=0.5: built with half the heads / untransformed", timing.ratio(lambda r: r["built0.5"] / r["base"]),
+         None),
+    ]
+    if compiled:
+        rows.append((f"{mode} heads recompiles after warm-up", counter.frame_count - frames_after_warmup, 0))
+    print(f"{mode} heads: median step ms {timing.step_times()}", flush=True)
+    return rows
+
+
 NARROW_UNITS = 48
 
 
@@ -379,8 +446,9 @@ def main() -> None:
     parser.add_argument("--modes", default="eager,compiled,compiled-cond",
                         help="eager, compiled (regional gates, the default) and/or compiled-cond")
     parser.add_argument("--cases", default="depth,width,narrow",
-                        help="depth (cases 1-3 and the headline), width, narrow (48 units: host cost) and/or "
-                             "all-on (case 1 alone, for long runs: --rounds 150)")
+                        help="depth (cases 1-3 and the headline), width, narrow (48 units: host cost), "
+                             "all-on (case 1 alone, for long runs: --rounds 150) and/or heads (attention heads "
+                             "cut against a model built with half the heads; not in the default)")
     args = parser.parse_args()
     if args.quick:
         args.width, args.batch, args.seq, args.steps, args.rounds = 64, 4, 32, 3, 2
@@ -397,6 +465,8 @@ def main() -> None:
             rows += measure_width(args, mode)
         if "narrow" in cases and mode != "compiled-cond":
             rows += measure_narrow(args, mode)
+        if "heads" in cases and mode != "compiled-cond":
+            rows += measure_heads(args, mode)
     print(f"\nratios: trimmed mean over {args.rounds} rounds of the ratio within each round, [95% interval], "
           "target, verdict (met / MISSED only when the interval is wholly on one side)")
     print_rows(rows)

@@ -5,11 +5,12 @@
 """
 
 from .controller import Controller, restore, transform
-from .discovery import Block, Discovery, discover, find_blocks
+from .discovery import Discovery, discover, find_blocks
 from .errors import ExampleInputsError, RaptrError, RaptrWarning, TracingError
 from .schedules import (FullModel, LayerDrop, ProgressiveLayerDrop, RaPTr, Schedule, Stage,
                         StagePlan, StochasticDepth, WidthRaPTr, plan)
-from .width import WidthGroup, find_width_groups
+from .units import Block, WidthGroup
+from .width import find_width_groups
 
 __all__ = [
     "Block", "Controller", "Discovery", "ExampleInputsError", "FullModel", "LayerDrop", "ProgressiveLayerDrop", "RaPTr",

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 from torch import nn
@@ -26,13 +26,19 @@ from torch import nn
 from torch._subclasses.fake_tensor import (DataDependentOutputException, DynamicOutputShapeException,  # noqa: F401
                                            FakeTensorMode, UnsupportedOperatorException)
 
+# nn.MultiheadAttention's own mask normalisation: the cut forward (mha_heads.py) takes attn_mask and
+# key_padding_mask exactly as the module does. No public equivalent, no fallback.
+from torch.nn.functional import _canonical_mask as canonical_mask  # noqa: F401
+from torch.nn.functional import _none_or_dtype as none_or_dtype  # noqa: F401
+
 try:  # a public pytree, where torch has one
     from torch.utils.pytree import tree_map  # noqa: F401
 except ImportError:  # torch 2.13: the private module torch itself uses
     from torch.utils._pytree import tree_map  # noqa: F401
 
 __all__ = ["FakeTensorMode", "DataDependentOutputException", "DynamicOutputShapeException",
-           "UnsupportedOperatorException", "tree_map", "soft_unbound_sizes", "lowering_backward_at_forward",
+           "UnsupportedOperatorException", "tree_map", "canonical_mask", "none_or_dtype", "traced_seq_len",
+           "soft_unbound_sizes", "lowering_backward_at_forward",
            "dynamo_counters", "compiled_graph_count", "recompile_limit", "local_tensor", "shard_offsets",
            "has_module_hooks", "supports_step_hooks", "COMPILED_CALL", "ORIGINAL_MODULE", "WRAPPED_ATTRIBUTES"]
 
@@ -60,6 +66,23 @@ def soft_unbound_sizes() -> contextlib.AbstractContextManager:
     if config is None or not hasattr(config, "soft_pending_unbacked_not_found_error"):
         return contextlib.nullcontext()
     return config.patch(soft_pending_unbacked_not_found_error=True)
+
+
+@contextlib.contextmanager
+def traced_seq_len(unknown: Callable[[Any], bool]) -> Iterator[None]:
+    """torch.nn's transformer stacks read a sequence length (``torch.nn.modules.transformer._get_seq_len``)
+    only to recognise a causal mask; for an input where ``unknown(src)`` (a traced proxy) it is None,
+    as for a nested tensor. Fallback without the helper: nothing swapped."""
+    module = torch.nn.modules.transformer
+    original = getattr(module, "_get_seq_len", None)
+    if original is None:
+        yield
+        return
+    module._get_seq_len = lambda src, batch_first: None if unknown(src) else original(src, batch_first)
+    try:
+        yield
+    finally:
+        module._get_seq_len = original
 
 
 def lowering_backward_at_forward(run: Callable[[], T]) -> T:

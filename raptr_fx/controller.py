@@ -16,13 +16,14 @@ from torch import nn
 from ._compat import COMPILED_CALL, ORIGINAL_MODULE, supports_step_hooks
 from .cutting import (Cut, CutState, FrozenParts, RewrittenHeads, install_cuts, is_cut, is_dtensor, local_part, remove_cuts,
                       tensor_parallel_width_error)
-from .discovery import Block, Discovery, discover, no_blocks_error
+from .discovery import Discovery, discover, no_blocks_error
 from .errors import RaptrError
 from .gates import (CompileFallbackCheck, CompileMode, GatedForward, GateState, check_compile_mode, gate_of,
                     install_gate, move_gate, remove_gates)
 from .schedules import RaPTr, Schedule, StagePlan, overall_compute, plan
+from .units import Block, WidthGroup
 from .usage import UsageMonitor
-from .width import WidthGroup, discovery_inputs, width_groups
+from .width import width_groups
 
 __all__ = ["Controller", "transform", "restore"]
 
@@ -790,7 +791,7 @@ def transform(
         raise ValueError(f"include={include} / exclude={exclude} left no unit to gate; droppable units are "
                          f"{[b.name for b in discovery.blocks if b.droppable]}")
     schedule.validate(len(blocks))
-    groups = _width_groups(model, discovery, example_inputs, schedule, blocks) if _cuts_width(schedule) else []
+    groups = _width_groups(model, discovery, schedule, blocks) if _cuts_width(schedule) else []
     return Controller(model, blocks, schedule, scaling, seed, compile_mode, compile_options, groups)
 
 
@@ -798,12 +799,11 @@ def _cuts_width(schedule: Schedule) -> bool:
     return any(schedule.width_fraction(start) < 1.0 for start, _ in schedule.stage_bounds())
 
 
-def _width_groups(model: nn.Module, discovery: Discovery, example_inputs: Any, schedule: Schedule,
-                  blocks: list[Block]) -> list[WidthGroup]:
+def _width_groups(model: nn.Module, discovery: Discovery, schedule: Schedule, blocks: list[Block]) -> list[WidthGroup]:
     """The cuttable groups of the schedule's kinds inside the chosen units; an error if there are none."""
     units = {b.name for b in blocks}
     _refuse_tensor_parallel_width(model, units)
-    found = [g for g in width_groups(model, discovery, discovery_inputs(model, example_inputs))
+    found = [g for g in width_groups(model, discovery)
              if g.unit in units and g.kind in schedule.width_kinds]
     chosen = [g for g in found if g.droppable]
     if not chosen:

@@ -1,6 +1,6 @@
 """Width cuts: projections that compute only the kept hidden units or heads of a step.
 
-A cut replaces ``forward`` on the projection instances of a :class:`~raptr_fx.width.WidthGroup`
+A cut replaces ``forward`` on the projection instances of a :class:`~raptr_fx.units.WidthGroup`
 (and keeps its state beside it, as ``_raptr_cut``); the class, parameters and state_dict keys are
 untouched, like the depth gates:
 
@@ -12,7 +12,9 @@ fraction. With every part kept, or in eval mode, the original forward runs, bit 
 
 A head group with a fused projection (``WidthGroup.rewrite``) cuts the kept heads' rows of each of
 its q, k and v segments, and its attention module runs the rewritten graph of
-:mod:`raptr_fx.head_rewrite` (sizes that follow the kept heads) while the cut is active.
+:mod:`raptr_fx.head_rewrite` (sizes that follow the kept heads) while the cut is active. An
+``nn.MultiheadAttention`` runs :func:`raptr_fx.mha_heads.multihead_attention` the same way: the kept
+rows of ``in_proj_weight`` and the kept columns of ``out_proj``.
 
 Parts not kept get exactly zero gradient (``index_select``'s backward), but an optimizer would
 still move them through momentum and weight decay; :class:`FrozenParts` puts their values and
@@ -33,7 +35,8 @@ from torch import nn
 from ._compat import local_tensor, shard_offsets
 from .errors import RaptrError
 from .head_rewrite import rewritten_forward
-from .width import Projection, WidthGroup, projection_of
+from .mha_heads import multihead_attention
+from .units import Projection, WidthGroup, projection_of
 
 __all__ = ["Cut", "CutState", "install_cuts", "remove_cuts", "is_cut", "FrozenParts", "kept_indices", "trial_cuts",
            "tensor_parallel_width_error", "is_dtensor", "local_part"]
@@ -48,8 +51,10 @@ class Cut:
     """
 
     def __init__(self, module: nn.Module, projection: Projection, producer: bool, width: int, scaled: bool,
-                 always: bool = False, segments: tuple[int, ...] = (), parts: int = 0):
+                 always: bool = False, segments: tuple[int, ...] = (), parts: int = 0, weight: str = "weight",
+                 bias: str = "bias"):
         self.module = module
+        self.weight_name, self.bias_name = weight, bias  # nn.MultiheadAttention: in_proj_weight, in_proj_bias
         self.transposed = projection.transposed
         self.producer = producer
         self.width = width  # rows (producer) or columns (consumer) one part spans
@@ -73,6 +78,16 @@ class Cut:
         """The rows (producer) or columns (consumer) of ``parts``."""
         return kept_indices(parts, self.width, device, segments=self.segments, parts_total=self.parts)
 
+    def parameters(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The weight and bias this cut narrows."""
+        return getattr(self.module, self.weight_name), getattr(self.module, self.bias_name)
+
+    def index_on(self, device: torch.device) -> torch.Tensor:
+        """The kept rows or columns on ``device``: moved since the draw (meta-device init, .to()), follow it."""
+        if self.index.device != device:
+            self.index = self.rows(self.kept, device)
+        return self.index
+
 
 def _cut_forward(module: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """Stands in for a projection's ``forward`` (bound to it); see the module docstring."""
@@ -82,10 +97,8 @@ def _cut_forward(module: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) 
     weight = module.weight
     if is_dtensor(weight):  # FSDP2 alone gives the forward plain tensors: this is tensor parallel
         raise RaptrError(tensor_parallel_width_error(f"{type(module).__name__}.weight", weight))
-    if cut.index.device != weight.device:  # moved since the draw (meta-device init, .to()): follow it
-        cut.index = cut.rows(cut.kept, weight.device)
-    return cut_linear(x, weight, module.bias, cut.index, producer=cut.producer, transposed=cut.transposed,
-                      scale=cut.scale)
+    return cut_linear(x, weight, module.bias, cut.index_on(weight.device), producer=cut.producer,
+                      transposed=cut.transposed, scale=cut.scale)
 
 
 def tensor_parallel_width_error(name: str, weight: torch.Tensor) -> str:
@@ -167,6 +180,28 @@ class RewrittenHeads:
         self.instance_forward = module.__dict__.get("forward")
 
 
+def multihead_forward(module: nn.MultiheadAttention, rows: Cut, columns: Cut) -> Callable[..., Any]:
+    """``module``'s forward computing only the kept heads (:mod:`raptr_fx.mha_heads`): the rows of
+    ``in_proj_weight`` that ``rows`` keeps, the columns of ``out_proj`` that ``columns`` keeps."""
+    out_proj = module.out_proj
+    head_dim = module.head_dim
+
+    def forward(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        weight, bias = rows.parameters()
+        if is_dtensor(weight):
+            raise RaptrError(tensor_parallel_width_error(f"{type(module).__name__}.in_proj_weight", weight))
+        index = rows.index_on(weight.device)
+        in_bias = bias.index_select(0, index) if bias is not None else None
+        columns_index = columns.index_on(out_proj.weight.device)
+        heads = columns_index.view(-1, head_dim)[:, 0] // head_dim
+        values, weights = multihead_attention(module, weight.index_select(0, index), in_bias, heads, *args, **kwargs)
+        out = cut_linear(values, out_proj.weight, out_proj.bias, columns_index, producer=False, transposed=False,
+                         scale=columns.scale)
+        return out, weights
+
+    return forward
+
+
 def _heads_forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """Stands in for a rewritten attention module's ``forward`` (bound to it)."""
     heads: RewrittenHeads = module._raptr_heads
@@ -192,6 +227,10 @@ def install_cuts(model: nn.Module, groups: Sequence[WidthGroup], state: CutState
     cut_by: dict[str, str] = {}  # projection -> the group cutting it
     try:
         for g, group in enumerate(groups):
+            if isinstance(modules[group.modules[0]], nn.MultiheadAttention):  # in_proj_weight: no projection module
+                installed.append(_install_multihead(modules[group.modules[0]], group, state.cuts[g], scaled, always,
+                                                    cut_by))
+                continue
             for position in range(len(group.modules)):
                 producer = position < len(group.modules) - 1
                 segments = group.rewrite.segments if group.rewrite and producer else ()
@@ -222,6 +261,26 @@ def install_cuts(model: nn.Module, groups: Sequence[WidthGroup], state: CutState
         remove_cuts(model)
         raise
     return installed
+
+
+def _install_multihead(module: nn.MultiheadAttention, group: WidthGroup, cuts: list[Cut], scaled: bool,
+                       always: bool, cut_by: dict[str, str]) -> RewrittenHeads:
+    """Replace an ``nn.MultiheadAttention``'s forward; its two cuts (the q, k, v rows of its
+    ``in_proj_weight``, the columns of ``out_proj``) only carry each step's indices."""
+    name = group.modules[0]
+    if name in cut_by or is_cut(module):
+        raise RaptrError(f"{name} of width group {group.name} is already cut (by "
+                         f"{cut_by.get(name, 'an earlier transform')}): a projection can be cut by one width group only")
+    cut_by[name] = group.name
+    head_dim = group.part_widths[-1]
+    rows = Cut(module, Projection(name, module.embed_dim, 3 * module.embed_dim, False), True, group.part_widths[0],
+               scaled, always, (head_dim,) * 3, group.parts, weight="in_proj_weight", bias="in_proj_bias")
+    columns = Cut(module.out_proj, projection_of(group.consumer, module.out_proj), False, head_dim, scaled, always)
+    cuts.extend((rows, columns))
+    heads = RewrittenHeads(module, multihead_forward(module, rows, columns), rows)
+    module._raptr_heads = heads
+    module.forward = types.MethodType(_heads_forward, module)
+    return heads
 
 
 def remove_cuts(model: nn.Module) -> int:
@@ -276,14 +335,14 @@ class FrozenParts:
                 module = cut.module
                 if not module.training:  # eval mode ran the whole projection: its gradient is real
                     continue
-                weight = module.weight
+                weight, bias = cut.parameters()
                 key = (cut.layout, weight.device)
                 if key not in by_layout:
                     by_layout[key] = cut.rows(dropped, weight.device)
                 out_dim = 1 if cut.transposed else 0  # Conv1D keeps weight as [in, out]
                 yield weight, out_dim if cut.producer else 1 - out_dim, by_layout[key]
-                if cut.producer and module.bias is not None:
-                    yield module.bias, 0, by_layout[key]
+                if cut.producer and bias is not None:
+                    yield bias, 0, by_layout[key]
 
     def save(self, optimizer: torch.optim.Optimizer) -> None:
         self.saved.clear()

@@ -35,9 +35,9 @@ from torch import nn
 from ._compat import (COMPILED_CALL, compiled_graph_count, dynamo_counters, lowering_backward_at_forward,
                       recompile_limit)
 from .cutting import is_dtensor
-from .discovery import Block
 from .errors import RaptrError, RaptrWarning
 from .skipping import signature_of, skipped_output, stream_output, with_stream_output
+from .units import Block
 from .wrappers import is_compiled, wrapper_chain
 
 __all__ = ["GateState", "GatedForward", "OwnedForward", "gate_of", "install_gate", "move_gate", "remove_gates"]

@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import fx, nn
 
-from .residuals import _op_name
+from .residuals import op_name
 from .tracing import is_shape_query
 from .untouched import untouched
 
@@ -123,7 +123,7 @@ _ELEMENTWISE_MODULES = (nn.Dropout, nn.Identity, nn.GELU, nn.ReLU, nn.SiLU, nn.S
 
 def _describe(node: fx.Node) -> str:
     """``view`` at ``q = q.view(b, t, self.n_head, c // self.n_head)``: the op and the model's line."""
-    name = _op_name(node) or str(node.target)
+    name = op_name(node) or str(node.target)
     lines = (node.meta.get("stack_trace") or "").splitlines()
     # Pairs of 'File "...", line N' and the code; the model's own frame is the last outside torch.
     code = [lines[i + 1].strip() for i in range(len(lines) - 1)
@@ -212,7 +212,7 @@ class _Walk:
 
     # -- dispatch -------------------------------------------------------------------------------------
     def visit(self, node: fx.Node) -> None:
-        name = _op_name(node)
+        name = op_name(node)
         if node.op == "output":
             self.refuse(node, "returns a tensor that still has the heads: a cut would change the module's output")
         if node.op == "call_module":

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 from .discovery import Discovery
 from .residuals import is_add
-from .width import WidthGroup
+from .units import WidthGroup
 
 __all__ = ["summary", "to_json", "to_dot", "width_summary", "width_to_json"]
 

@@ -92,10 +92,10 @@ def dataflow_graph(traced: TracedModel) -> nx.DiGraph:
     order = {n: i for i, n in enumerate(traced.graph.nodes)}
     for node in traced.graph.nodes:
         graph.add_node(node)
-        if _op_name(node) in _METADATA_FACTORIES:
+        if op_name(node) in _METADATA_FACTORIES:
             continue
         for arg in node.all_input_nodes:
-            if is_shape_query(arg) or (_op_name(node) in _LIKE_SECOND and arg is not node.args[0]):
+            if is_shape_query(arg) or (op_name(node) in _LIKE_SECOND and arg is not node.args[0]):
                 continue
             graph.add_edge(arg, node)
         if _is_inplace(node):
@@ -109,12 +109,12 @@ def dataflow_graph(traced: TracedModel) -> nx.DiGraph:
 
 
 def _is_inplace(node: fx.Node) -> bool:
-    name = _op_name(node)
+    name = op_name(node)
     return (node.op == "call_method" and name.endswith("_") and not name.startswith("_")
             and bool(node.args) and isinstance(node.args[0], fx.Node))
 
 
-def _op_name(node: fx.Node) -> str:
+def op_name(node: fx.Node) -> str:
     """``clone`` for ``x.clone()``, ``torch.clone`` and ``aten.clone.default`` alike."""
     if node.op == "call_method":
         return str(node.target)
@@ -128,14 +128,14 @@ def _linear_in(origin: fx.Node, nodes: frozenset[fx.Node]) -> bool:
     on_path = nodes | {origin}
     for node in nodes:
         reads = [a for a in node.all_input_nodes if a in on_path]
-        name = _op_name(node).removeprefix("__").removesuffix("__")
+        name = op_name(node).removeprefix("__").removesuffix("__")
         if node.op == "call_module":
             stack = list(node.meta.get("nn_module_stack", {}).values())
             kind = stack[-1][1] if stack else None
             linear = isinstance(kind, type) and (issubclass(kind, _LINEAR_MODULES) or kind.__name__ == "Conv1D")
         elif node.op == "call_function" and node.target is operator.getitem:  # native_dropout's output
             source = node.args[0]
-            linear = isinstance(source, fx.Node) and _op_name(source) == "native_dropout" and bool(node.args[1] == 0)
+            linear = isinstance(source, fx.Node) and op_name(source) == "native_dropout" and bool(node.args[1] == 0)
         elif name in _SUMS:
             linear = True
         else:  # one operand from the path (x * x is not linear); a division divides it
@@ -151,7 +151,7 @@ def _before_pass_through(node: fx.Node, scopes: dict[fx.Node, tuple[str, ...]], 
     The walk stays inside the add's module: a reshape at the end of the previous layer belongs to
     that layer, so the stream a layer receives stays its input.
     """
-    while (_op_name(node) in _PASS_THROUGH and node.args and isinstance(node.args[0], fx.Node)
+    while (op_name(node) in _PASS_THROUGH and node.args and isinstance(node.args[0], fx.Node)
            and scopes.get(node, ())[:len(within)] == within):
         node = node.args[0]  # the tensor is the first argument; the rest are sizes, dtypes, devices
     return node
@@ -251,7 +251,7 @@ def find_residuals(traced: TracedModel, graph: nx.DiGraph, parameter_free: bool 
     drop. ``parameter_free=True`` returns instead the adds that update the stream without being a
     unit: ``x + g(x)`` with no weights in g (FNet's Fourier mixing) and ``x + c`` with c computed
     without any input (a bias; MRA's attention adds only its output bias when its CUDA kernel is
-    missing). A layer whose stream starts with one is still a layer (see ``_Grouping.layer_candidates``).
+    missing). A layer whose stream starts with one is still a layer (see ``UnitChoice.layer_candidates``).
     """
     ancestry = _Ancestry(graph, list(traced.graph.nodes))
 
@@ -361,11 +361,11 @@ def _constant_scale(short_nodes: frozenset[fx.Node]) -> float | None:
     Only a number: ``q * cos + rotate_half(q) * sin`` (rotary embeddings) scales by a tensor and
     is no residual.
     """
-    computing = [n for n in short_nodes if _op_name(n) not in _PASS_THROUGH]
+    computing = [n for n in short_nodes if op_name(n) not in _PASS_THROUGH]
     if len(computing) != 1 or len(computing[0].args) != 2:
         return None
     node = computing[0]
-    name = _op_name(node).removeprefix("__").removesuffix("__")
+    name = op_name(node).removeprefix("__").removesuffix("__")
     tensors = [a for a in node.args if isinstance(a, fx.Node)]
     numbers = [a for a in node.args if isinstance(a, (int, float)) and not isinstance(a, bool)]
     if len(tensors) != 1 or len(numbers) != 1:

@@ -1,7 +1,8 @@
 """Can this unit be skipped, and what does it return when it is?
 
-Discovery (``discovery.py``) chooses the units and gathers the facts about each
-one: how often it runs, its shortcut, what its call returned. :func:`judge`
+Discovery chooses the units (``unit_choice.py``) and gathers the facts about
+each one (``unit_facts.py``): how often it runs, its shortcut, what its call
+returned. :func:`judge`
 turns those facts into the verdict, and the functions at the end of this module
 are what a gate uses at run time to build a skipped unit's output.
 

@@ -21,14 +21,14 @@ import traceback
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import fx, nn
 
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
-from ._compat import DataDependentOutputException, soft_unbound_sizes
+from ._compat import DataDependentOutputException, soft_unbound_sizes, traced_seq_len
 from .errors import TracingError
 from .skipping import ObservedOutput, observe
 
@@ -44,6 +44,11 @@ _EXPORT_LOGGERS = ("torch.export", "torch._export", "torch.fx.experimental.symbo
 _DATA_DEPENDENT = (DataDependentOutputException, GuardOnDataDependentSymNode)
 
 _TRACER_OPTIONS = {"leaf_modules", "autowrap_functions", "autowrap_modules", "concrete_args"}
+
+# torch.nn's transformer layers and stacks are Python around nn.MultiheadAttention (which stays a
+# leaf): traced through, so their residual adds make units and their attention's heads width groups.
+_TRACED_THROUGH = (nn.Transformer, nn.TransformerEncoder, nn.TransformerDecoder, nn.TransformerEncoderLayer,
+                   nn.TransformerDecoderLayer)
 
 ExampleInputs = tuple[tuple[Any, ...], dict[str, Any]]
 
@@ -117,6 +122,8 @@ class _RecordingTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self.extra_leaf_modules and isinstance(m, self.extra_leaf_modules):
             return True
+        if isinstance(m, _TRACED_THROUGH):
+            return False
         if type(m) is nn.Identity:
             # Traced through (it returns its input, no node), as torch.export does: a shortcut
             # ``f(x) + self.shortcut(x)`` or a ``res_scale = nn.Identity()`` keeps the stream.
@@ -138,6 +145,21 @@ class _RecordingTracer(fx.Tracer):
         return result
 
 
+@contextlib.contextmanager
+def _transformer_layers_traceable() -> Iterator[None]:
+    """torch.nn's transformer layers as training runs them while traced: their inference fast path
+    off (its checks branch on tensor properties), and the stacks' sequence length (``if
+    src.is_nested``) unknown for a traced input, as it is for a nested one (it only serves to
+    recognise a causal mask, and the trace of a mask fails on its own)."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with traced_seq_len(lambda src: isinstance(src, fx.Proxy)):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+
+
 def _scope(node: fx.Node, prefix: str = "") -> tuple[str, ...]:
     """Module names a node runs in, outer first; a module's second call is named ``name@1``."""
     scope = []
@@ -157,7 +179,8 @@ def _trace_symbolic(model: nn.Module, tracer_options: dict[str, Any]) -> TracedM
         autowrap_functions=tuple(options.pop("autowrap_functions", ())),
         autowrap_modules=(math, *options.pop("autowrap_modules", ())),
     )
-    graph = tracer.trace(model, concrete_args=concrete_args)
+    with _transformer_layers_traceable():
+        graph = tracer.trace(model, concrete_args=concrete_args)
     params = dict(model.named_parameters())
     modules = dict(model.named_modules())
     param_uses: dict[fx.Node, frozenset[str]] = {}

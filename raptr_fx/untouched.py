@@ -30,7 +30,7 @@ from torch.nn.modules.module import register_module_forward_pre_hook
 from ._compat import has_module_hooks
 from .skipping import signature_of
 
-__all__ = ["untouched", "class_forward", "direct_calls"]
+__all__ = ["untouched", "class_forward", "direct_calls", "as_discovered"]
 
 # Containers whose contents a forward may change in place (``self._cache[key] = ...``).
 _CONTAINERS = (dict, OrderedDict, list, set)
@@ -157,3 +157,12 @@ def direct_calls(model: nn.Module) -> Iterator[None]:
         for module in wrapped:
             if isinstance(module.__dict__.get("forward"), _ThroughCall):
                 del module.__dict__["forward"]
+
+
+@contextlib.contextmanager
+def as_discovered(model: nn.Module) -> Iterator[None]:
+    """The model as discovery's passes see it (trace, probe, and the width proof's runs): nothing
+    they do stays in it, instance forwards that wrap the class's are looked through, and direct
+    ``forward(...)`` calls are module calls. One view for all, so their records line up."""
+    with untouched(model), class_forward(model), direct_calls(model):
+        yield

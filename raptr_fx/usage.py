@@ -20,18 +20,28 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
+from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .errors import RaptrWarning
-from .schedules import FullModel
-
-if TYPE_CHECKING:
-    from .controller import Controller
+from .schedules import FullModel, Schedule
 
 __all__ = ["UsageMonitor", "remove_global_hook"]
+
+
+class Monitored(Protocol):
+    """What the monitor reads of a ``raptr_fx.Controller`` (which imports this module, so no import back)."""
+
+    schedule: Schedule
+
+    @property
+    def step_count(self) -> int: ...
+
+    def watched_modules(self) -> list[nn.Module]: ...
+
 
 # Controller steps may lag or lead optimizer steps by a little for honest reasons (a callback that
 # steps after the optimizer hook fired; mixed-precision steps that GradScaler skipped): warn only
@@ -64,7 +74,7 @@ def remove_global_hook() -> None:
 class UsageMonitor:
     """Follows optimizer steps against controller steps for one controller."""
 
-    def __init__(self, controller: Controller):
+    def __init__(self, controller: Monitored):
         self._controller = weakref.ref(controller)
         self._holds_units: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._followed: weakref.ref | None = None  # the first optimizer that holds the units
@@ -109,7 +119,7 @@ class UsageMonitor:
                          "schedule runs too fast: step it once per optimizer step, either through "
                          "attach(optimizer) or by calling step(), not both (and not per micro-batch)")
 
-    def _follows(self, optimizer: torch.optim.Optimizer, controller: Controller) -> bool:
+    def _follows(self, optimizer: torch.optim.Optimizer, controller: Monitored) -> bool:
         followed = self._followed() if self._followed is not None else None
         if followed is not None:
             return followed is optimizer

@@ -23,6 +23,8 @@ def test_private_torch_modules_and_names_exist():
                  "UnsupportedOperatorException"):
         assert getattr(fake_tensor, name) is getattr(_compat, name), name
     assert callable(pytree.tree_map)
+    assert callable(torch.nn.functional._canonical_mask) and callable(torch.nn.functional._none_or_dtype)
+    assert callable(torch.nn.modules.transformer._get_seq_len)
     assert isinstance(functorch_config.force_non_lazy_backward_lowering, bool)
     assert hasattr(fx_config, "soft_pending_unbacked_not_found_error")
     assert isinstance(torch._dynamo.config.recompile_limit, int) and _compat.recompile_limit() >= 1

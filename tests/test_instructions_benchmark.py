@@ -28,5 +28,6 @@ def test_every_variant_builds_and_steps():
     for variant in [Variant("untransformed", **tiny), Variant("gates", **tiny), Variant("all-on", **tiny),
                     Variant("k-of-L", units=2, **tiny), Variant("built", units=2, **tiny),
                     Variant("width", fraction=0.5, **tiny), Variant("width-unfrozen", fraction=0.5, **tiny),
-                    Variant("built", fraction=0.5, **tiny)]:
+                    Variant("built", fraction=0.5, **tiny), Variant("width", fraction=0.5, heads=2, **tiny),
+                    Variant("built", fraction=0.5, heads=2, **tiny)]:
         warmed_step(variant)()

@@ -98,10 +98,11 @@ def test_gpt2_conv1d_mlp_bert_across_modules_t5_heads_refused():
     assert all("fails with this group cut" in g.reason for g in heads)
 
 
-def test_vit_multihead_attention_refused_and_mlp_in_sequential_found():
+def test_vit_multihead_attention_heads_and_mlp_in_sequential_found():
     groups = by_name(find_width_groups(ViT(), images()))
     assert groups["blocks.0.mlp:mlp"].droppable and groups["blocks.0.mlp:mlp"].modules == ("blocks.0.mlp.0", "blocks.0.mlp.2")
-    assert "nn.MultiheadAttention" in groups["blocks.0.attn:heads"].reason
+    heads = groups["blocks.0.attn:heads"]  # more in tests/test_mha_heads.py
+    assert heads.droppable and heads.modules == ("blocks.0.attn", "blocks.0.attn.out_proj") and heads.parts == 2
 
 
 def test_without_inputs_mlp_groups_are_found_heads_need_inputs():
