@@ -15,10 +15,9 @@ from typing import Callable
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from examples.nanogpt import GPT, GPTConfig
 
-from examples.nanogpt import GPT, GPTConfig  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 __all__ = ["GPT", "GPTConfig", "add_device_args", "header", "sync", "timed_steps", "byte_corpus", "ROOT",
            "set_threads", "default_init", "Estimate", "Interleaved", "Row", "print_rows", "ratio_of_sums", "pin_stage"]

@@ -32,12 +32,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+if not __package__:  # run as `python benchmarks/x.py`: the repository first on the path (raptr_fx, benchmarks)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import transformers  # noqa: E402
 from transformers.models.auto import modeling_auto  # noqa: E402
 
-from zoo import add_sweep_arguments, check_model, chosen, one_line, report, sweep, tensors  # noqa: E402
+from benchmarks.zoo import add_sweep_arguments, check_model, chosen, one_line, report, sweep, tensors  # noqa: E402
 
 LAYERS = 2
 HIDDEN = 32

@@ -58,18 +58,21 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-BENCHMARKS = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCHMARKS))
+if not __package__:  # run as `python benchmarks/x.py`: the repository first on the path (raptr_fx, benchmarks)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import ROOT, Row, print_rows  # noqa: E402
+from benchmarks.common import ROOT, Row, print_rows  # noqa: E402
 
 import raptr_fx  # noqa: E402
+
+if TYPE_CHECKING:
+    from torch.utils.benchmark import FunctionCounts
 
 # Compiled variants load their graphs from here (filled by the parent process, read under valgrind).
 CACHE_DIR = Path(tempfile.gettempdir()) / "raptr_fx_instructions_inductor_cache"
@@ -260,8 +263,8 @@ def count(variants: list[Variant], steps: int) -> list[Count]:
         for variant in variants:
             warmed_step(variant)
         torch._dynamo.reset()
-    setup = (f"import sys; sys.path.insert(0, {str(BENCHMARKS)!r}); sys.path.insert(0, {str(ROOT)!r})\n"
-             "from instructions import Rotation, Variant, warmed_step\n"
+    setup = (f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
+             "from benchmarks.instructions import Rotation, Variant, warmed_step\n"
              f"step = Rotation([warmed_step(Variant(**v)) for v in {[asdict(v) for v in variants]!r}], {steps})")
     timer = Timer("step()", setup=setup, num_threads=1)
     stats = timer.collect_callgrind(number=steps, repeats=len(variants), collect_baseline=False)
@@ -345,8 +348,8 @@ def main() -> None:
                      f"usage monitor: attached against not)")
         notes.append(f"width f={f}: the freeze costs {share(counts, 'width', 'width-unfrozen'):.2%} of the cut step; "
                      f"the cut without it is {ratio(counts, 'width-unfrozen', 'built-f'):.4f}x the model built at f")
-        rows += [(f"eager all-on: every unit on / untransformed", ratio(counts, "all-on", "untransformed"), 1.01),
-                 (f"eager all-on, gates only (no hooks) / untransformed", ratio(counts, "gates", "untransformed"), None),
+        rows += [("eager all-on: every unit on / untransformed", ratio(counts, "all-on", "untransformed"), 1.01),
+                 ("eager all-on, gates only (no hooks) / untransformed", ratio(counts, "gates", "untransformed"), None),
                  (f"eager k={k} of {depth}: gated / built with {k} units", ratio(counts, "k-of-L", "built-k"), 1.03),
                  (f"eager width f={f}: cut / built at f", ratio(counts, "width", "built-f"), 1.05),
                  (f"eager width f={f}: cut without the freeze / built at f", ratio(counts, "width-unfrozen", "built-f"),
@@ -402,9 +405,9 @@ def main() -> None:
         counts = run_group("compiled", {"untransformed": replace(base, compiled="model"),
                                         "regional": replace(base, kind="all-on", compiled="regional"),
                                         "cond": replace(base, kind="all-on", compiled="cond")}, args.steps)
-        rows += [(f"compiled (regional gates) all-on / untransformed compiled", ratio(counts, "regional", "untransformed"),
+        rows += [("compiled (regional gates) all-on / untransformed compiled", ratio(counts, "regional", "untransformed"),
                   1.01),
-                 (f"compiled (cond gates) all-on / untransformed compiled", ratio(counts, "cond", "untransformed"), 1.01)]
+                 ("compiled (cond gates) all-on / untransformed compiled", ratio(counts, "cond", "untransformed"), 1.01)]
         if args.profile:
             notes += [top_functions(counts, "regional", "untransformed"), top_functions(counts, "cond", "untransformed")]
     print("\n" + "\n".join(notes))

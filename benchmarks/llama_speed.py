@@ -10,11 +10,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import sys
+from pathlib import Path
 
 import torch
-from common import Interleaved, add_device_args, header, pin_stage, print_rows, timed_steps
 
-import raptr_fx
+if not __package__:  # run as `python benchmarks/x.py`: the repository first on the path (raptr_fx, benchmarks)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import Interleaved, add_device_args, header, pin_stage, print_rows, timed_steps  # noqa: E402
+
+import raptr_fx  # noqa: E402
 
 
 def main() -> None:

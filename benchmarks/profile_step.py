@@ -11,14 +11,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from common import GPT, GPTConfig, add_device_args, header, pin_stage, sync
+if not __package__:  # run as `python benchmarks/x.py`: the repository first on the path (raptr_fx, benchmarks)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import raptr_fx
+from benchmarks.common import GPT, GPTConfig, add_device_args, header, pin_stage, sync  # noqa: E402
+
+import raptr_fx  # noqa: E402
 
 
 def step(model: torch.nn.Module, runner, batch: torch.Tensor, optimizer: torch.optim.Optimizer, args) -> None:

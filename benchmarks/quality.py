@@ -52,10 +52,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import GPT, GPTConfig, ROOT, add_device_args, byte_corpus, default_init, header, set_threads, sync
+if not __package__:  # run as `python benchmarks/x.py`: the repository first on the path (raptr_fx, benchmarks)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import raptr_fx
-from raptr_fx import FullModel, LayerDrop, ProgressiveLayerDrop, RaPTr, Stage, WidthRaPTr
+from benchmarks.common import (GPT, GPTConfig, ROOT, add_device_args, byte_corpus, default_init, header,  # noqa: E402
+                               set_threads, sync)
+
+import raptr_fx  # noqa: E402
+from raptr_fx import FullModel, LayerDrop, ProgressiveLayerDrop, RaPTr, Stage, WidthRaPTr  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "out"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -473,7 +477,7 @@ def plan_defaults(args: argparse.Namespace) -> None:
     print(f"# defaults search, screen: {len(screen)} runs at raptr's lr {lr:g}, init {init}", flush=True)
     execute(screen, args)
     records = load_results(Path(args.results))
-    loss = lambda p, m, seed: records[make_run(p, m, POINTS[p], lr, init, seed, args).key()]["final_val"]
+    loss = lambda p, m, seed: records[make_run(p, m, POINTS[p], lr, init, seed, args).key()]["final_val"]  # noqa: E731
     winners = [m for m in DEFAULTS_VARIANTS if all(loss(p, m, 0) < loss(p, "raptr", 0) for p in points)]
     confirm = [make_run(p, m, POINTS[p], lr, init, seed, args)
                for seed in VERDICT_SEEDS[1:] for p in points for m in dict.fromkeys([*winners, "pld-equal"])]

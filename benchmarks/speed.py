@@ -38,8 +38,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import sys
 import time
 import warnings
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -47,10 +49,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from common import (GPT, GPTConfig, Interleaved, Row, add_device_args, header, pin_stage, print_rows,
-                    ratio_of_sums, timed_steps)
+if not __package__:  # run as `python benchmarks/x.py`: the repository first on the path (raptr_fx, benchmarks)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import raptr_fx
+from benchmarks.common import (GPT, GPTConfig, Interleaved, Row, add_device_args, header, pin_stage,  # noqa: E402
+                               print_rows, ratio_of_sums, timed_steps)
+
+import raptr_fx  # noqa: E402
 
 # The "gated" runner is pinned to each stage with load_state_dict and never stepped, on purpose.
 warnings.filterwarnings("ignore", category=raptr_fx.RaptrWarning, message=".*schedule is not advancing")

@@ -32,11 +32,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if not __package__:  # run as `python benchmarks/x.py`: the repository first on the path (raptr_fx, benchmarks)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torchvision  # noqa: E402
 from torchvision import models  # noqa: E402
-from zoo import add_sweep_arguments, check_model, chosen, one_line, report, sweep, tensors  # noqa: E402
+from benchmarks.zoo import add_sweep_arguments, check_model, chosen, one_line, report, sweep, tensors  # noqa: E402
 
 FAMILIES = {"classification": models, "video": models.video, "segmentation": models.segmentation}
 SAMPLE = ["resnet18", "mobilenet_v2", "efficientnet_b0", "convnext_tiny", "vit_b_16", "swin_t", "r3d_18",

@@ -100,16 +100,16 @@ def check_model(model: torch.nn.Module, example_inputs: Any, forward: Forward,
             return {**result, "status": "eval differs", "detail": "eval output not bitwise the plain model's"}
         stage = "grads"
         keep = [i % 2 == 1 for i in range(len(ctl.blocks))] if len(ctl.blocks) > 1 else [False]
-        ctl._state.set(keep, [1.0] * len(keep))
-        saved_buffers = {k: v.clone() for k, v in model.named_buffers()}
-        model.train()
-        loss = sum(t.float().pow(2).mean() for t in tensors(forward(model)) if t.is_floating_point())
-        loss.backward()
-        modules = dict(model.named_modules())
-        for block, kept in zip(ctl.blocks, keep):
-            graded = [n for n, p in modules[block.name].named_parameters() if p.grad is not None]
-            if not kept and graded:
-                return {**result, "status": "grads", "detail": f"dropped {block.name} got gradients ({graded[0]})"}
+        with ctl.force(active=keep):
+            saved_buffers = {k: v.clone() for k, v in model.named_buffers()}
+            model.train()
+            loss = sum(t.float().pow(2).mean() for t in tensors(forward(model)) if t.is_floating_point())
+            loss.backward()
+            modules = dict(model.named_modules())
+            for block, kept in zip(ctl.blocks, keep):
+                graded = [n for n, p in modules[block.name].named_parameters() if p.grad is not None]
+                if not kept and graded:
+                    return {**result, "status": "grads", "detail": f"dropped {block.name} got gradients ({graded[0]})"}
         stage = "remove"
         with torch.no_grad():  # training updated running statistics; remove() is checked without them
             for key, buffer in model.named_buffers():

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from raptr_fx import RaptrError
+from raptr_fx.integrations._compat import auto_class_builds
 
 from .discover import Loaded
 
@@ -88,7 +89,7 @@ def build(config: Any) -> torch.nn.Module:
                 if cls is not None:
                     return cls(config)
             for auto in auto_classes:
-                if type(config) in auto._model_mapping:
+                if auto_class_builds(auto, config):
                     return auto.from_config(config)
     except Exception as exc:
         raise RaptrError(f"cannot build {type(config).__name__} on the meta device: "

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from itertools import chain, compress, repeat
 from operator import attrgetter, contains, gt, is_not, lt
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from .cutting import (Cut, CutState, FrozenParts, install_cuts, is_cut, is_dtensor, local_part, remove_cuts,
+from ._compat import COMPILED_CALL, ORIGINAL_MODULE, supports_step_hooks
+from .cutting import (Cut, CutState, FrozenParts, RewrittenHeads, install_cuts, is_cut, is_dtensor, local_part, remove_cuts,
                       tensor_parallel_width_error)
 from .discovery import Discovery, discover, no_blocks_error
 from .errors import RaptrError
@@ -29,6 +32,23 @@ log = logging.getLogger("raptr_fx")
 _WIDTH_STREAM = 0x5EED_0F_1D7  # offsets the width draws' seeds from the depth draws' seeds
 
 ScalingRule = str | Callable[[float], float]
+UnitKey = str | int  # a unit or width group, by name or by index
+WidthPin = float | Sequence[int] | None  # a kept fraction, the kept part indices, or None: every part
+
+
+@dataclass
+class _Pins:
+    """Decisions pinned by :meth:`Controller.force`, by unit or group index; they replace the drawn ones."""
+
+    active: dict[int, bool] = field(default_factory=dict)
+    scale: dict[int, float] = field(default_factory=dict)
+    width: dict[int, float | list[int] | None] = field(default_factory=dict)
+
+    def over(self, outer: _Pins | None) -> _Pins:
+        """These pins on top of those of an enclosing ``force``."""
+        if outer is None:
+            return self
+        return _Pins({**outer.active, **self.active}, {**outer.scale, **self.scale}, {**outer.width, **self.width})
 
 # The per-step checks over every unit run as C loops (map, compress) over lists kept beside the gates
 # (Controller._watch_gates):
@@ -70,6 +90,7 @@ class Controller:
         self._unscaled = scaling == "none"  # every kept unit's factor is 1: no per-unit call
         self._generator = torch.Generator()  # seeded anew for every draw: decisions come from (seed, step) alone
         self._exact_pool: tuple[Schedule, list[float], list[int], int, list[bool]] | None = None  # see _sample
+        self._pins: _Pins | None = None  # decisions pinned by force()
         self._cuts = CutState(self.width_groups)
         self._frozen_parts = FrozenParts(self._cuts, lambda: set(self.active_blocks))
         self._hooks: list[Any] = []
@@ -79,7 +100,7 @@ class Controller:
         modules = dict(model.named_modules())
         self._consumers = [modules[g.cut_targets(-1)[0]] for g in self.width_groups]  # their weight's device
         self._gates: list[GatedForward] = []
-        self._cut_forwards: list[Cut] = []
+        self._cut_forwards: list[Cut | RewrittenHeads] = []
         try:  # all or nothing: a failure leaves no gate behind
             if schedule.gates_depth:
                 for i, b in enumerate(self.blocks):
@@ -114,7 +135,7 @@ class Controller:
         # slot still holds its gate's module (C list copies and comparisons, identity first: no call per unit).
         unchanged = all(list(modules) == names and list(modules.values()) == held for modules, names, held in
                         zip(_dict_items(self._slot_parents, "_modules"), self._parent_names, self._parent_modules))
-        if unchanged and not any(map(contains, self._gate_dicts_on_forward, repeat("_compiled_call_impl"))):
+        if unchanged and not any(map(contains, self._gate_dicts_on_forward, repeat(COMPILED_CALL))):
             return
         for i, gate in enumerate(self._gates):
             if gate.displaced():
@@ -155,9 +176,16 @@ class Controller:
             scale = [1.0] * len(keep)
         else:
             scale = [self.scaling(p) if k and p < 1.0 else 1.0 for k, p in zip(keep, keep_p)]
+        pins = self._pins
+        if pins is not None:
+            for i, on in pins.active.items():
+                keep[i] = on
+            for i, factor in pins.scale.items():
+                scale[i] = factor
         self._state.set(keep, scale)
         if self.width_groups:
-            kept = self._sample_width(self.schedule.width_fraction(self._step))
+            drawn = self._sample_width(self.schedule.width_fraction(self._step))
+            kept = self._pinned_width(drawn, pins.width) if pins is not None and pins.width else drawn
             inverse = self.schedule.width_scaling == "inverse"
             scales = [g.parts / len(k) if inverse and k is not None else 1.0 for g, k in zip(self.width_groups, kept)]
             self._cuts.set(kept, scales, [m.weight.device for m in self._consumers])
@@ -184,6 +212,18 @@ class Controller:
             for g, row in zip(members, draws.sort(dim=1).values):
                 kept[g] = row
         return kept
+
+    def _pinned_width(self, kept: list[torch.Tensor | None],
+                      pinned: dict[int, float | list[int] | None]) -> list[torch.Tensor | Sequence[int] | None]:
+        """The drawn cuts with the pinned groups' replaced; a pinned fraction is drawn as the schedule draws it."""
+        out: list[torch.Tensor | Sequence[int] | None] = list(kept)
+        draws: dict[float, list[torch.Tensor | None]] = {}
+        for g, value in pinned.items():
+            if isinstance(value, float):
+                out[g] = (draws[value] if value in draws else draws.setdefault(value, self._sample_width(value)))[g]
+            else:
+                out[g] = value
+        return out
 
     def _sample(self, keep_p: list[float]) -> list[bool]:
         if all(p >= 1.0 for p in keep_p):  # every unit runs (FullModel, a full last stage): both draws keep all
@@ -234,18 +274,100 @@ class Controller:
         """This step's kept parts per width group (hidden units or key/value heads), by group name."""
         return {g.name: g.parts if k is None else len(k) for g, k in zip(self.width_groups, self._cuts.kept)}
 
+    @property
+    def kept_indices(self) -> dict[str, list[int] | None]:
+        """This step's kept part indices per width group, by group name; None where every part runs."""
+        return {g.name: None if k is None else list(k) for g, k in zip(self.width_groups, self._cuts.kept)}
+
+    # -- pinning decisions -------------------------------------------------------------------
+    @contextmanager
+    def force(self, *, active: Sequence[bool] | Mapping[UnitKey, bool] | None = None,
+              scale: Sequence[float] | Mapping[UnitKey, float] | None = None,
+              width: float | Mapping[UnitKey, WidthPin] | None = None) -> Iterator[Controller]:
+        """Pin decisions inside a ``with`` block; on exit the drawn decisions of the current step come back.
+
+        For tests, benchmarks and debugging a run: which units run and which width parts are kept,
+        instead of the draw from (seed, step). The pins hold across :meth:`step` (the schedule still
+        advances; only what is pinned is replaced), and a nested ``force`` pins on top of this one.
+
+        Args:
+            active: which units run: one bool per unit (``controller.blocks`` order), or
+                ``{unit name or index: bool}`` for some units (the others are drawn as usual).
+            scale: the factor on a running unit's update, in the same two forms. A unit pinned by
+                ``active`` runs unscaled (a pinned unit has no keep probability) unless ``scale`` names it.
+            width: the kept parts of the width groups: one fraction in (0, 1] for every group, or
+                ``{group name or index: fraction, kept part indices, or None (every part)}``. A fraction
+                keeps round(f x parts) parts drawn as the schedule draws them; the cut's output scale
+                follows the schedule's ``width_scaling``.
+
+        Example:
+            >>> with ctl.force(active={"transformer.h.1": False}, width={"transformer.h.0.mlp:mlp": [0, 3]}):
+            ...     loss = model(idx).pow(2).mean()  # layer 1 skipped; hidden units 0 and 3 of layer 0's MLP
+        """
+        pins = _Pins()
+        if active is not None:
+            if not self._gates:
+                raise ValueError(f"active={active!r}: this controller's schedule cuts width only and gates no "
+                                 "unit; pin width= instead")
+            pins.active = self._per_unit(active, "active", lambda v: isinstance(v, bool), "True or False")
+            pins.scale = dict.fromkeys(pins.active, 1.0)
+        if scale is not None:
+            if not self._gates:
+                raise ValueError(f"scale={scale!r}: this controller's schedule cuts width only and gates no unit")
+            pins.scale.update({i: float(v) for i, v in self._per_unit(
+                scale, "scale", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
+                "a positive number").items()})
+        if width is not None:
+            pins.width = self._width_pins(width)
+        previous = self._pins
+        self._pins = pins.over(previous)
+        try:
+            self._apply()
+            yield self
+        finally:
+            self._pins = previous
+            self._apply()
+
+    def _per_unit(self, values: Sequence[Any] | Mapping[UnitKey, Any], argument: str,
+                  valid: Callable[[Any], bool], expected: str) -> dict[int, Any]:
+        """``force``'s per-unit argument as {unit index: value}; a ValueError naming what is wrong."""
+        names = [b.name for b in self.blocks]
+        if isinstance(values, Mapping):
+            pinned = {_index(key, names, argument, "unit"): value for key, value in values.items()}
+        elif isinstance(values, Sequence) and not isinstance(values, str):
+            if len(values) != len(names):
+                raise ValueError(f"{argument} has {len(values)} values, the controller has {len(names)} units "
+                                 f"{names}: give one per unit, or a dict {{unit name or index: value}}")
+            pinned = dict(enumerate(values))
+        else:
+            raise ValueError(f"{argument} must be a list with one value per unit or a dict {{unit name or index: "
+                             f"value}}, got {values!r}")
+        bad = next(((i, v) for i, v in pinned.items() if not valid(v)), None)
+        if bad is not None:
+            raise ValueError(f"{argument} for unit {names[bad[0]]} must be {expected}, got {bad[1]!r}")
+        return pinned
+
+    def _width_pins(self, width: float | Mapping[UnitKey, WidthPin]) -> dict[int, float | list[int] | None]:
+        names = [g.name for g in self.width_groups]
+        if not names:
+            raise ValueError(f"width={width!r}: this controller cuts no width (its schedule has no width stages)")
+        if not isinstance(width, Mapping):
+            return {g: _width_pin(width, group) for g, group in enumerate(self.width_groups)}
+        pinned = {_index(key, names, "width", "width group"): value for key, value in width.items()}
+        return {g: _width_pin(value, self.width_groups[g]) for g, value in pinned.items()}
+
     def plan(self) -> list[StagePlan]:
         """Per-stage expected compute, weighted by FLOPs share when known, else by parameters;
         width cuts count as the kept fraction of their groups' compute."""
         by_flops = all(b.flops_share is not None for b in self.blocks) and all(
             g.flops_share is not None for g in self.width_groups)
         if by_flops:
-            weights = [b.flops_share for b in self.blocks]
+            weights = [b.flops_share or 0.0 for b in self.blocks]  # all known here
         else:
             weights = [float(b.params) for b in self.blocks]
         cut = {b.name: 0.0 for b in self.blocks}
         for group in self.width_groups:
-            cut[group.unit] += group.flops_share if by_flops else float(group.params)
+            cut[group.unit] += (group.flops_share or 0.0) if by_flops else float(group.params)
         return plan(self.schedule, len(self.blocks), weights, [cut[b.name] for b in self.blocks])
 
     @property
@@ -384,7 +506,7 @@ class Controller:
         # gradient visited in Python (a skipped unit's parameters usually have none: nothing to release).
         owners = chain.from_iterable(compress(self._parameter_owners, dropped))
         names = chain.from_iterable(compress(self._parameter_names, dropped))
-        params = list(map(dict.get, _dict_items(owners, "_parameters"), names))  # None: no such parameter now
+        params: list[Any] = list(map(dict.get, _dict_items(owners, "_parameters"), names))  # None: no such parameter now
         for p in compress(params, map(is_not, map(getattr, params, repeat("grad"), repeat(None)), repeat(None))):
             if p.requires_grad and id(p) not in running:
                 p.grad = None
@@ -465,7 +587,7 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
         if inner is None or inner is current:
             break
         current = inner
-    if not (isinstance(current, torch.optim.Optimizer) and hasattr(current, "_optimizer_step_pre_hooks")):
+    if not (supports_step_hooks(current)):
         raise TypeError(f"attach() needs a torch.optim.Optimizer (or a trainer's wrapper of one), got "
                         f"{type(optimizer).__name__}: pass the optimizer that updates the model's parameters")
     return current
@@ -509,6 +631,34 @@ def _state_at_zero_steps(optimizer: torch.optim.Optimizer, param: torch.Tensor) 
     return None
 
 
+def _index(key: Any, names: list[str], argument: str, kind: str) -> int:
+    """A unit's or width group's index from its name or index."""
+    if isinstance(key, str) and key in names:
+        return names.index(key)
+    if isinstance(key, int) and not isinstance(key, bool) and -len(names) <= key < len(names):
+        return key % len(names)
+    raise ValueError(f"{argument} names {key!r}, which is no {kind} of this controller; they are {names} "
+                     f"(by name, or by index 0 to {len(names) - 1})")
+
+
+def _width_pin(value: Any, group: WidthGroup) -> float | list[int] | None:
+    """One group's pinned cut: a kept fraction, the sorted kept part indices, or None (every part)."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not 0.0 < value <= 1.0:
+            raise ValueError(f"width for {group.name} must be a kept fraction in (0, 1], got {value!r}")
+        return float(value)
+    parts = list(value.tolist() if isinstance(value, torch.Tensor) else value) if isinstance(
+        value, (Sequence, torch.Tensor)) and not isinstance(value, str) else None
+    if parts is None or not all(isinstance(p, int) and not isinstance(p, bool) for p in parts):
+        raise ValueError(f"width for {group.name} must be a fraction, a list of part indices or None, got {value!r}")
+    if not parts or len(set(parts)) != len(parts) or not all(0 <= p < group.parts for p in parts):
+        raise ValueError(f"width for {group.name} must list distinct part indices in 0..{group.parts - 1} "
+                         f"(at least one), got {value!r}")
+    return sorted(parts)
+
+
 def _scaling_function(scaling: ScalingRule) -> Callable[[float], float]:
     if callable(scaling):
         return scaling
@@ -521,7 +671,7 @@ def _scaling_function(scaling: ScalingRule) -> Callable[[float], float]:
 
 def _refuse_wrapped(model: nn.Module) -> None:
     wrapper = None
-    if hasattr(model, "_orig_mod"):
+    if hasattr(model, ORIGINAL_MODULE):
         wrapper, fix = "torch.compile", "model = raptr_fx.transform(model, ...) first, then torch.compile(model)"
     elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) or (
             type(model).__name__ == "FullyShardedDataParallel"):
@@ -631,7 +781,7 @@ def transform(
     scaling = schedule.scaling if scaling is None else scaling
     _scaling_function(scaling)
     check_compile_mode(compile_mode)
-    discovery = discover(model, example_inputs, granularity=granularity, **tracer_options)
+    discovery = discover(model, example_inputs, granularity=granularity, **tracer_options)  # type: ignore[arg-type]
     # A width-only schedule drops no unit: it cuts inside every unit found, droppable or not (as
     # find_width_groups reports), and a unit refused for depth is no reason to refuse it.
     blocks = _select(discovery.blocks, include, exclude, droppable_only=schedule.gates_depth)

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._compat import local_tensor, shard_offsets
 from .errors import RaptrError
 from .head_rewrite import rewritten_forward
 from .mha_heads import multihead_attention
@@ -377,7 +378,7 @@ def _write_back(tensor: torch.Tensor, dim: int, index: torch.Tensor, values: tor
 def local_part(tensor: torch.Tensor) -> torch.Tensor:
     """The tensor this rank holds: a plain tensor is its own; an FSDP2 parameter (or its optimizer
     state) is a DTensor, whose local shard shares storage with it, so writes land in the shard."""
-    return tensor._local_tensor if is_dtensor(tensor) else tensor
+    return local_tensor(tensor) if is_dtensor(tensor) else tensor
 
 
 def _local_index(tensor: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
@@ -388,10 +389,8 @@ def _local_index(tensor: torch.Tensor, dim: int, index: torch.Tensor) -> torch.T
     """
     if not is_dtensor(tensor) or not any(p.is_shard(dim) for p in tensor.placements):
         return index
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    local = tensor._local_tensor
-    _, offsets = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
+    local = local_tensor(tensor)
+    offsets = shard_offsets(tensor)
     start, rows = offsets[dim], local.shape[dim]
     index = index.to(local.device)
     inside = index[(index >= start) & (index < start + rows)]

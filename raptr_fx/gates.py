@@ -25,14 +25,15 @@ skipped, the module returns zeros shaped like its input instead of running.
 
 from __future__ import annotations
 
-import sys
 import warnings
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from ._compat import (COMPILED_CALL, compiled_graph_count, dynamo_counters, lowering_backward_at_forward,
+                      recompile_limit)
 from .cutting import is_dtensor
 from .errors import RaptrError, RaptrWarning
 from .skipping import signature_of, skipped_output, stream_output, with_stream_output
@@ -107,7 +108,8 @@ class _ZeroGradients(torch.autograd.Function):
 
 def _zeros_spec(param: torch.Tensor) -> tuple:
     if is_dtensor(param):  # tensor parallel: FSDP2 alone swaps in plain unsharded tensors for the forward
-        return (param.shape, param.dtype, param.device, param.device_mesh, tuple(param.placements))
+        return (param.shape, param.dtype, param.device, param.device_mesh,  # type: ignore[attr-defined]  # a DTensor
+                tuple(param.placements))  # type: ignore[attr-defined]
     return (param.shape, param.dtype, param.device, None, None)
 
 
@@ -136,7 +138,7 @@ class GatedForward:
     """
 
     def __init__(self, module: nn.Module, block: Block, index: int, state: GateState, scaled: bool,
-                 slot: tuple[nn.Module, str], owned: list[tuple[nn.Module, str]] = ()):
+                 slot: tuple[nn.Module, str], owned: Sequence[tuple[nn.Module, str]] = ()):
         self.module = module
         self.block = block
         self.index = index
@@ -145,7 +147,7 @@ class GatedForward:
         self.slot = slot  # (parent, attribute) that holds ``module``: a wrapper put there later is followed
         # Read at every eager call: getattr on a module goes through nn.Module's __getattr__ hook.
         self.module_vars, self.parent_vars = vars(module), vars(slot[0])
-        self.place = "_compiled_call_impl" if "_compiled_call_impl" in module.__dict__ else "forward"
+        self.place = COMPILED_CALL if COMPILED_CALL in module.__dict__ else "forward"
         # The unit's parameters, then those it owns outside it (frozen with it: ``Block.owned``).
         self.slots = [(owner, name) for owner in module.modules() for name in owner._parameters] + list(owned)
         self.companions: list[OwnedForward] = []  # gates on the modules it owns outside it
@@ -220,7 +222,7 @@ class GatedForward:
         wrapped the unit after ``transform``), or its module was compiled in place since."""
         parent, attribute = self.slot
         return parent._modules.get(attribute) is not self.module or (
-            self.place == "forward" and "_compiled_call_impl" in self.module.__dict__)
+            self.place == "forward" and COMPILED_CALL in self.module.__dict__)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         module = self.module
@@ -236,7 +238,7 @@ class GatedForward:
         # (each Python call saved is about 1,500 instructions a unit; benchmarks/instructions.py).
         # self.displaced():
         if self.parent_vars["_modules"].get(self.slot[1]) is not module or (
-                "_compiled_call_impl" in self.module_vars and self.place == "forward"):
+                COMPILED_CALL in self.module_vars and self.place == "forward"):
             _moved_out_late(self)  # wrapped since the controller last looked: this call is already inside
         # gated()'s kept, unscaled unit with its stream passed by position:
         state, index, position = self.state, self.index, self.block.stream_position
@@ -290,7 +292,7 @@ class OwnedForward:
     def __init__(self, module: nn.Module, gate: GatedForward):
         self.module = module
         self.gate = gate
-        self.place = "_compiled_call_impl" if "_compiled_call_impl" in module.__dict__ else "forward"
+        self.place = COMPILED_CALL if COMPILED_CALL in module.__dict__ else "forward"
         self.original: Callable[..., Any] = getattr(module, self.place)
         self.instance_forward = module.__dict__.get(self.place)
         self.compiled_forward: Callable[..., Any] | None = None  # regional mode, made on first use
@@ -329,20 +331,8 @@ def _owned_outside_graph(owned: OwnedForward, args: tuple, kwargs: dict) -> Any:
     """Regional mode: decide in Python; a kept module runs its own compiled graph (see _gate_outside_graph)."""
     if owned.compiled_forward is None:
         owned.compiled_forward = torch.compile(owned.original, **owned.gate.state.compile_options)
-    return _lowering_backward_at_forward(lambda: owned.decided(args, kwargs, owned.compiled_forward))
-
-
-def _lowering_backward_at_forward(run: Callable[[], Any]) -> Any:
-    """``run()`` with compiled backward graphs lowered at their first forward, not lazily in the middle
-    of a backward pass: there the compile workers would start while DDP's gloo threads reduce gradients
-    (seen to hang). Set and put back by hand: config.patch() cost about 40 us per call, 7 us this way."""
-    config = torch._functorch.config
-    before = config.force_non_lazy_backward_lowering
-    config.force_non_lazy_backward_lowering = True
-    try:
-        return run()
-    finally:
-        config.force_non_lazy_backward_lowering = before
+    compiled = owned.compiled_forward
+    return lowering_backward_at_forward(lambda: owned.decided(args, kwargs, compiled))
 
 
 @torch.compiler.disable(reason="raptr_fx's regional gates decide in Python at each unit, so the graph breaks there. "
@@ -356,7 +346,8 @@ def _gate_outside_graph(gate: GatedForward, args: tuple, kwargs: dict) -> Any:
     """
     if gate.compiled_forward is None:
         gate.compiled_forward = torch.compile(gate.original, **gate.state.compile_options)
-    out = _lowering_backward_at_forward(lambda: gate.gated(args, kwargs, gate.compiled_forward))
+    compiled = gate.compiled_forward
+    out = lowering_backward_at_forward(lambda: gate.gated(args, kwargs, compiled))
     if not gate.graphs_checked and gate.state.keep[gate.index]:  # the unit ran: it has compiled by now
         gate.graphs_checked = True
         _warn_if_each_unit_compiles_its_own_graph(gate)
@@ -381,18 +372,17 @@ class CompileFallbackCheck:
     @staticmethod
     def gate_counts() -> tuple[int, int]:
         """How often dynamo met a regional gate it could not inline, and how often it broke the graph there."""
-        utils = sys.modules.get("torch._dynamo.utils")
-        if utils is None:
+        counters = dynamo_counters()
+        if counters is None:
             return 0, 0
         name = _gate_outside_graph.__name__
-        return tuple(sum(n for key, n in utils.counters.get(kind, {}).items() if name in str(key))
+        return tuple(sum(n for key, n in counters.get(kind, {}).items() if name in str(key))
                      for kind in ("unimplemented", "graph_break"))
 
     def __call__(self) -> None:
-        utils = sys.modules.get("torch._dynamo.utils")  # not imported: nothing compiled, nothing to check
-        if self.warned or utils is None:
+        counters = dynamo_counters()  # None: dynamo not imported, nothing compiled, nothing to check
+        if self.warned or counters is None:
             return
-        counters = utils.counters
         sizes = (sum(counters.get("unimplemented", {}).values()), sum(counters.get("graph_break", {}).values()))
         if sizes == self.sizes:
             return
@@ -421,16 +411,15 @@ def _warn_if_each_unit_compiles_its_own_graph(gate: GatedForward) -> None:
         return
     units = gate.state.compiled_units.setdefault(code, set())
     units.add(gate.index)
-    try:
-        graphs = len(torch._dynamo.eval_frame._debug_get_cache_entry_list(code))
-    except Exception:  # a private helper of torch's: without it, no warning
+    graphs = compiled_graph_count(code)
+    if graphs is None:  # a private helper of torch's: without it, no warning
         return
     if graphs >= PER_UNIT_GRAPHS_WARNING and graphs >= len(units):
         gate.state.warned_codes.add(code)
         warnings.warn(f"{gate.block.name} and the other units of {code.co_name} compiled {graphs} graphs for "
                       f"{len(units)} units (regional gates): torch.compile guards on something that differs per unit, "
                       "so each compiles its own graph, and past torch's recompile limit "
-                      f"({torch._dynamo.config.recompile_limit}) units run uncompiled. For a Hugging Face model, set "
+                      f"({recompile_limit()}) units run uncompiled. For a Hugging Face model, set "
                       "model.config.use_cache = False for training (the KV cache it builds is the usual cause); "
                       "TORCH_LOGS=recompiles names the guard", RaptrWarning, stacklevel=4)
 
@@ -441,10 +430,10 @@ PER_UNIT_GRAPHS_WARNING = 4  # one static and one dynamic graph are normal; more
 def _moved_out_late(gate: GatedForward) -> None:
     """A gate found itself inside a wrapper while it ran: move it out now, and say so if the wrapper
     compiles (this step the unit ran uncompiled, and dynamo may have given up on the wrapper's code)."""
-    chain = [m for m, _ in wrapper_chain(gate.slot[0]._modules[gate.slot[1]])]
+    chain = [m for m, _ in wrapper_chain(gate.slot[0].get_submodule(gate.slot[1]))]
     gate.state.follow_wrappers()
     if any(is_compiled(m) for m in chain):
-        wrappers = " > ".join(type(m).__name__ + (" (compiled in place)" if "_compiled_call_impl" in m.__dict__ else "")
+        wrappers = " > ".join(type(m).__name__ + (" (compiled in place)" if COMPILED_CALL in m.__dict__ else "")
                               for m in chain)
         warnings.warn(f"{gate.block.name} was wrapped ({wrappers}) after raptr_fx gated it, and ran "
                       "before the controller saw the wrapper: the gate was inside compiled code, so this unit ran "
@@ -465,7 +454,7 @@ def install_gate(model: nn.Module, block: Block, index: int, state: GateState, s
     and each module it owns outside it."""
     slot = slot_of(model, block.name)
     owned = [slot_of(model, name) for name in block.owned]
-    gate = GatedForward(slot[0]._modules[slot[1]], block, index, state, scaled, slot, owned)
+    gate = GatedForward(slot[0].get_submodule(slot[1]), block, index, state, scaled, slot, owned)
     gate.module.__dict__[gate.place] = gate
     for name in block.owned_before + block.owned_after:
         companion = OwnedForward(model.get_submodule(name), gate)
@@ -495,7 +484,7 @@ def _remove_gate(gate: GatedForward | OwnedForward) -> None:
 
 def gate_of(module: nn.Module) -> GatedForward | None:
     """The gate standing on ``module``, if any."""
-    for place in ("forward", "_compiled_call_impl"):
+    for place in ("forward", COMPILED_CALL):
         gate = module.__dict__.get(place)
         if isinstance(gate, GatedForward):
             return gate

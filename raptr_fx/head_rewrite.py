@@ -44,6 +44,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import fx, nn
 
+from ._compat import FakeTensorMode, tracer_patches_reverted
 from .errors import RaptrError
 from .residuals import op_name
 from .tracing import is_shape_query
@@ -163,9 +164,7 @@ class _LeafTracer(fx.Tracer):
         copied: dict[fx.Node, fx.Node] = {}
         graph.graph_copy(self.graph, copied)
         graph.output(copied[node])
-        from torch.fx._symbolic_trace import _maybe_revert_all_patches
-
-        with _maybe_revert_all_patches():  # run the modules themselves, not the tracer's patched calls
+        with tracer_patches_reverted():  # run the modules themselves, not the tracer's patched calls
             return _run_fake(fx.GraphModule(self.root, graph), self.example, self.like)
 
 
@@ -246,7 +245,6 @@ def _first_line(exc: BaseException) -> str:
 def _run_fake(traced: fx.GraphModule, example: dict[int | str, tuple[int, ...]], like: torch.Tensor | None) -> Any:
     """Run ``traced`` on fake tensors shaped as ``example`` (keyed by position or name), filling
     each node's ``meta["val"]``; an argument not in it takes its default."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._compat import canonical_mask, none_or_dtype
 from .errors import RaptrError
 
 __all__ = ["multihead_problem", "multihead_attention"]
@@ -84,8 +85,8 @@ def multihead_attention(module: nn.MultiheadAttention, in_weight: torch.Tensor, 
 
     # Masks as F.multi_head_attention_forward takes them: boolean ones become -inf, the causal hint
     # stands in for the mask only without padding and weights.
-    key_padding_mask = F._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask",
-                                         other_type=F._none_or_dtype(attn_mask), other_name="attn_mask",
+    key_padding_mask = canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask",
+                                         other_type=none_or_dtype(attn_mask), other_name="attn_mask",
                                          target_type=query.dtype)
     if is_causal and attn_mask is None:
         raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use the Transformer module "
@@ -93,7 +94,7 @@ def multihead_attention(module: nn.MultiheadAttention, in_weight: torch.Tensor, 
     if is_causal and key_padding_mask is None and not need_weights:
         attn_mask = None
     else:
-        attn_mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
+        attn_mask = canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
                                       target_type=query.dtype, check_other=False)
         is_causal = False
     mask = None

@@ -27,11 +27,10 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import (DataDependentOutputException, DynamicOutputShapeException,
-                                           FakeTensorMode, UnsupportedOperatorException)
-from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
+from ._compat import (DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode,
+                      UnsupportedOperatorException, tree_map)
 from .errors import ExampleInputsError, describe_inputs
 from .skipping import ObservedOutput, observe
 from .untouched import untouched
@@ -108,7 +107,7 @@ def _run(model: nn.Module, inputs: Inputs, *, fake: bool, count_flops: bool = Tr
     names = {module: name for name, module in model.named_modules(remove_duplicate=False)}
     hooks = [m.register_forward_hook(_recorder(result, names), with_kwargs=True) for m in names]
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
-    counter = FlopCounterMode(display=False) if count_flops else contextlib.nullcontext()
+    counter: Any = FlopCounterMode(display=False) if count_flops else contextlib.nullcontext()
     try:
         with untouched(model), torch.random.fork_rng(devices=devices), torch.no_grad():
             _fake_forward(model, inputs, counter) if fake else _real_forward(model, inputs, counter)

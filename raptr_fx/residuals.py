@@ -135,7 +135,7 @@ def _linear_in(origin: fx.Node, nodes: frozenset[fx.Node]) -> bool:
             linear = isinstance(kind, type) and (issubclass(kind, _LINEAR_MODULES) or kind.__name__ == "Conv1D")
         elif node.op == "call_function" and node.target is operator.getitem:  # native_dropout's output
             source = node.args[0]
-            linear = isinstance(source, fx.Node) and op_name(source) == "native_dropout" and node.args[1] == 0
+            linear = isinstance(source, fx.Node) and op_name(source) == "native_dropout" and bool(node.args[1] == 0)
         elif name in _SUMS:
             linear = True
         else:  # one operand from the path (x * x is not linear); a division divides it

@@ -133,11 +133,11 @@ class RaPTr(Schedule):
     total_steps: int | None = None  # equal-length stages when stages is a string
     fixed_units: Literal["ends"] | Sequence[int] = "ends"  # I: "ends" = first and last unit, as in the paper
     sampling: Sampling = "bernoulli"  # "bernoulli": unit i kept with prob p; "exact": exactly k run
-    scaling: Scaling = "none"  # see README: inverse (1/p) measured worse here
+    scaling: Scaling = "none"  # see docs/schedules.md: inverse (1/p) measured worse here
     # Width per stage alongside the depth stages: "0.5-0.67-0.83-1" or one fraction per stage.
     width: str | Sequence[float] | None = None
     width_kinds: tuple[str, ...] = ("mlp", "heads")  # which width groups the width stages cut
-    width_scaling: Scaling = "none"  # see README: no scaling measured better for width
+    width_scaling: Scaling = "none"  # see docs/width.md: no scaling measured better for width
     resolved: tuple[Stage, ...] = field(init=False, repr=False)
     # Asked at every step: the stages' end steps, and keep probabilities per (stage, L), worked out once.
     _ends: tuple[int, ...] = field(init=False, repr=False, compare=False)
@@ -233,9 +233,9 @@ class RaPTr(Schedule):
                     "paper argues against)." + warmup_hint)
 
         widths = [1.0 if s.width is None else s.width for s in self.resolved]
-        for before, after in zip(widths, widths[1:]):
-            if after < before:
-                raise ValueError(f"RaPTr width stages shrink ({before:g} then {after:g}): RaPTr grows its "
+        for earlier, later in zip(widths, widths[1:]):
+            if later < earlier:
+                raise ValueError(f"RaPTr width stages shrink ({earlier:g} then {later:g}): RaPTr grows its "
                                  "subnetwork stage by stage")
 
     def fixed(self, num_units: int) -> frozenset[int]:
@@ -258,10 +258,12 @@ class RaPTr(Schedule):
         if stage.keep is not None:
             return stage.keep
         fixed = len(self.fixed(num_units))
+        assert stage.active is not None  # a resolved stage has keep or active
         return 1.0 if num_units == fixed else (stage.active - fixed) / (num_units - fixed)
 
     def stage_bounds(self) -> list[tuple[int, int | None]]:
-        bounds, start = [], 0
+        bounds: list[tuple[int, int | None]] = []
+        start = 0
         for stage in self.resolved:
             bounds.append((start, start + stage.steps))
             start += stage.steps
@@ -426,6 +428,7 @@ def plan(schedule: Schedule, num_units: int, weights: Sequence[float] | None = N
 
 def overall_compute(rows: Sequence[StagePlan]) -> float | None:
     """Step-weighted compute share over all stages; None for open-ended schedules."""
-    if any(r.steps is None for r in rows):
+    steps = [r.steps for r in rows]
+    if any(s is None for s in steps):
         return None
-    return sum(r.compute * r.steps for r in rows) / sum(r.steps for r in rows)
+    return sum(r.compute * (s or 0) for r, s in zip(rows, steps)) / sum(s or 0 for s in steps)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence, cast
 
 import torch
 from torch import fx, nn
@@ -29,7 +29,7 @@ __all__ = ["OutputSlot", "Leaf", "ObservedOutput", "Owned", "UnitFacts", "Verdic
            "stream_output", "with_stream_output", "skipped_output", "signature_of"]
 
 _CONSTANT_TYPES = (bool, int, float, str)
-_CONTAINERS = {tuple: "tuple", list: "list", dict: "dict"}
+_CONTAINERS: dict[type, str] = {tuple: "tuple", list: "list", dict: "dict"}
 
 
 # -- what a unit's call returned ---------------------------------------------------------------
@@ -234,7 +234,7 @@ def _stream_leaf(facts: UnitFacts, output: ObservedOutput) -> Leaf | None:
     if len(computed) <= 1:
         return computed[0] if computed else None
     # Probe only (no graph nodes): the computed element shaped like the stream argument.
-    wanted = (facts.arg_shapes or {}).get(facts.stream_argument)
+    wanted = (facts.arg_shapes or {}).get(facts.stream_argument) if facts.stream_argument is not None else None
     return next((leaf for leaf in computed if leaf.shape == wanted), computed[0])
 
 
@@ -277,6 +277,7 @@ def _slot(module: nn.Module, leaf: Leaf, is_stream: bool, unread: bool) -> Outpu
         # is not asked for (attention weights without output_attentions), and a reader would fail loudly.
         return OutputSlot(leaf.key, "unread")
     if leaf.kind == "input":
+        assert leaf.source is not None  # an input leaf names the argument it passes on
         position, name = argument_slot(module, leaf.source)
         return OutputSlot(leaf.key, "input", position, name)
     return OutputSlot(leaf.key, "constant", value=leaf.value)
@@ -346,7 +347,7 @@ def with_stream_output(block: Any, out: Any, stream: torch.Tensor) -> Any:
     if isinstance(out, dict):
         return {**out, _stream_key(block): stream}
     items = list(out)
-    items[_stream_key(block)] = stream
+    items[cast(int, _stream_key(block))] = stream  # a list or tuple's stream key is its position
     return items if block.output_container == "list" else tuple(items)
 
 

@@ -16,6 +16,7 @@ import contextlib
 import inspect
 import logging
 import math
+import sys
 import traceback
 from collections import Counter
 from dataclasses import dataclass, field
@@ -24,11 +25,10 @@ from typing import Any, Iterable, Iterator
 
 import torch
 from torch import fx, nn
-from torch.nn.modules import transformer as _transformer
 
-from torch._subclasses.fake_tensor import DataDependentOutputException
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
+from ._compat import DataDependentOutputException, soft_unbound_sizes, traced_seq_len
 from .errors import TracingError
 from .skipping import ObservedOutput, observe
 
@@ -130,7 +130,7 @@ class _RecordingTracer(fx.Tracer):
             return False
         return super().is_leaf_module(m, module_qualified_name)
 
-    def call_module(self, m, forward, args, kwargs):  # type: ignore[override]
+    def call_module(self, m, forward, args, kwargs):
         name = self.path_of_module(m)
         self.call_counts[name] += 1
         if self.call_counts[name] == 1:
@@ -151,17 +151,13 @@ def _transformer_layers_traceable() -> Iterator[None]:
     off (its checks branch on tensor properties), and the stacks' sequence length (``if
     src.is_nested``) unknown for a traced input, as it is for a nested one (it only serves to
     recognise a causal mask, and the trace of a mask fails on its own)."""
-    def seq_len(src: Any, batch_first: bool) -> int | None:
-        return None if isinstance(src, fx.Proxy) else original(src, batch_first)
-
-    enabled, original = torch.backends.mha.get_fastpath_enabled(), _transformer._get_seq_len
+    enabled = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
-    _transformer._get_seq_len = seq_len
     try:
-        yield
+        with traced_seq_len(lambda src: isinstance(src, fx.Proxy)):
+            yield
     finally:
         torch.backends.mha.set_fastpath_enabled(enabled)
-        _transformer._get_seq_len = original
 
 
 def _scope(node: fx.Node, prefix: str = "") -> tuple[str, ...]:
@@ -263,25 +259,15 @@ def _export(model: nn.Module, inputs: ExampleInputs) -> tuple[torch.export.Expor
             return torch.export.export(_TensorOutputs(model), args, kwargs, strict=False), notes
         except Exception as exc:
             if not _is_data_dependent(exc):
-                failure.add_note(f"retried with {', '.join(masks)} of ones added: {_first_line(exc)}")
+                if sys.version_info >= (3, 11):  # add_note is 3.11's
+                    failure.add_note(f"retried with {', '.join(masks)} of ones added: {_first_line(exc)}")
                 raise failure from exc
             failure = exc
     if not _is_data_dependent(failure):
         raise failure
     notes.append("data-dependent branches resolved with the example inputs' values (torch.export.draft_export)")
-    with _unbound_sizes_allowed():
+    with soft_unbound_sizes():
         return torch.export.draft_export(_TensorOutputs(model), args, kwargs, strict=False), notes
-
-
-def _unbound_sizes_allowed() -> contextlib.AbstractContextManager:
-    """draft_export of ``slot, token = torch.where(mask)`` allocates a size it then finds bound
-    nowhere and stops (PendingUnbackedSymbolNotFound; LongCat-Flash's expert routing). Where torch
-    can let that pass (2.11 and later), it does: only a runtime check of the exported program
-    would be missing, and discovery reads the graph, it never runs it."""
-    config = torch.fx.experimental._config
-    if not hasattr(config, "soft_pending_unbacked_not_found_error"):
-        return contextlib.nullcontext()
-    return config.patch(soft_pending_unbacked_not_found_error=True)
 
 
 def _is_data_dependent(exc: BaseException) -> bool:

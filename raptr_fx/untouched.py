@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.nn.modules.module import register_module_forward_pre_hook
 
+from ._compat import has_module_hooks
 from .skipping import signature_of
 
 __all__ = ["untouched", "class_forward", "direct_calls", "as_discovered"]
@@ -138,7 +139,7 @@ def direct_calls(model: nn.Module) -> Iterator[None]:
     ``module.forward``, so a direct call reaches them too.
     """
     entered: set[int] = set()
-    wrapped = [m for m in list(model.modules())[1:] if "forward" not in m.__dict__ and not _has_hooks(m)
+    wrapped = [m for m in list(model.modules())[1:] if "forward" not in m.__dict__ and not has_module_hooks(m)
                and isinstance(inspect.getattr_static(type(m), "forward", None), types.FunctionType)]
     ids = {id(m) for m in wrapped}
 
@@ -156,11 +157,6 @@ def direct_calls(model: nn.Module) -> Iterator[None]:
         for module in wrapped:
             if isinstance(module.__dict__.get("forward"), _ThroughCall):
                 del module.__dict__["forward"]
-
-
-def _has_hooks(module: nn.Module) -> bool:
-    return bool(module._forward_pre_hooks or module._forward_hooks or module._backward_hooks
-                or module._backward_pre_hooks)
 
 
 @contextlib.contextmanager

@@ -29,7 +29,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from .errors import RaptrWarning
 from .schedules import FullModel, Schedule
 
-__all__ = ["UsageMonitor"]
+__all__ = ["UsageMonitor", "remove_global_hook"]
 
 
 class Monitored(Protocol):
@@ -57,6 +57,18 @@ _hook_handle: Any = None
 def _on_any_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     for monitor in list(_monitors):
         monitor.on_optimizer_step(optimizer)
+
+
+def remove_global_hook() -> None:
+    """Take the global optimizer hook off and forget every monitor; the next controller puts it back.
+
+    For test isolation (``tests/conftest.py``): controllers of one test are not followed in the next.
+    """
+    global _hook_handle
+    if _hook_handle is not None:
+        _hook_handle.remove()
+        _hook_handle = None
+    _monitors.clear()
 
 
 class UsageMonitor:

@@ -115,7 +115,7 @@ def _has_shapes(traced: Any) -> bool:
 
 def _propagate_shapes(model: nn.Module, traced: Any, inputs: ExampleInputs) -> None:
     """torch.fx graphs carry no shapes: run the graph once on fake tensors to fill ``meta["val"]``."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    from ._compat import FakeTensorMode
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
     args, kwargs = inputs

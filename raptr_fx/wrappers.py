@@ -22,11 +22,10 @@ from typing import Callable, Iterator
 
 from torch import nn
 
+from ._compat import COMPILED_CALL, ORIGINAL_MODULE, WRAPPED_ATTRIBUTES
+
 __all__ = ["WRAPPED_ATTRIBUTES", "wrapper_chain", "is_compiled", "seen_through"]
 
-# The attribute under which each wrapper keeps the module it wraps: torch.compile's OptimizedModule,
-# torch.distributed's CheckpointWrapper (and OffloadWrapper).
-WRAPPED_ATTRIBUTES = ("_orig_mod", "_checkpoint_wrapped_module")
 
 
 def wrapper_chain(module: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -43,7 +42,7 @@ def wrapper_chain(module: nn.Module) -> list[tuple[nn.Module, str]]:
 
 def is_compiled(module: nn.Module) -> bool:
     """``torch.compile(module)``'s wrapper, or a module compiled in place with ``module.compile()``."""
-    return "_orig_mod" in module._modules or "_compiled_call_impl" in module.__dict__
+    return ORIGINAL_MODULE in module._modules or COMPILED_CALL in module.__dict__
 
 
 @contextlib.contextmanager
@@ -74,11 +73,11 @@ def seen_through(model: nn.Module) -> Iterator[Callable[[str], str]]:
                 outer, child_real = child_real, child_real + "".join(f".{a}" for _, a in chain[:-1])
                 prefixes[child_seen] = (outer, child_real)
             inner = chain[-1][0]
-            if "_compiled_call_impl" in inner.__dict__:
-                compiled_calls.append((inner, inner.__dict__.pop("_compiled_call_impl")))
+            if COMPILED_CALL in inner.__dict__:
+                compiled_calls.append((inner, inner.__dict__.pop(COMPILED_CALL)))
             if getattr(inner, "gradient_checkpointing", False) is True and hasattr(inner, "_gradient_checkpointing_func"):
                 checkpointing.append(inner)
-                inner.gradient_checkpointing = False
+                inner.gradient_checkpointing = False  # type: ignore[assignment]  # a Hugging Face flag, not a Module
             unwrap(inner, child_seen + ".", child_real + ".")
 
     def real_name(name: str) -> str:
@@ -95,8 +94,8 @@ def seen_through(model: nn.Module) -> Iterator[Callable[[str], str]]:
         yield real_name
     finally:
         for module in checkpointing:
-            module.gradient_checkpointing = True
+            module.gradient_checkpointing = True  # type: ignore[assignment]
         for module, compiled_call in compiled_calls:
-            module.__dict__["_compiled_call_impl"] = compiled_call
+            module.__dict__[COMPILED_CALL] = compiled_call
         for parent, attribute, wrapper in reversed(slots):
             parent._modules[attribute] = wrapper

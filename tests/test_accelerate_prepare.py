@@ -13,6 +13,8 @@ transformers = pytest.importorskip("transformers")
 def accelerator():
     from accelerate.state import AcceleratorState, GradientState
 
+    AcceleratorState._reset_state(True)  # a Trainer test run before may have set it up without bf16
+    GradientState._reset_state()
     yield accelerate.Accelerator(mixed_precision="bf16", cpu=True)
     AcceleratorState._reset_state(True)
     GradientState._reset_state()

@@ -10,7 +10,6 @@ import copy
 import pytest
 import torch
 
-import raptr_fx
 from raptr_fx import FullModel, RaPTr, RaptrError, Stage, WidthRaPTr, find_blocks, find_width_groups, transform
 from tests.fixtures.models import GPT, tokens
 from tests.fixtures.patterns import with_lora
@@ -44,18 +43,18 @@ def test_layers_with_adapters_skip_freeze_and_restore():
     model.eval(), reference.eval()
     assert torch.equal(model(x), reference(x))
     model.train(), reference.train()
-    ctl._state.set([True, False, True, True], [1.0] * 4)
-    out = model(x)
-    h = reference.transformer
-    expected = h.drop(h.wte(x) + h.wpe(torch.arange(x.shape[1])))
-    for i in (0, 2, 3):
-        expected = h.h[i](expected)
-    assert torch.equal(out, reference.lm_head(h.ln_f(expected)))
-    out.sum().backward()
-    skipped = model.transformer.h[1]
-    assert all(p.grad is None for p in skipped.parameters())
-    assert skipped.mlp.c_fc.lora_b.weight.grad is None
-    model.zero_grad(set_to_none=True)
+    with ctl.force(active=[True, False, True, True]):
+        out = model(x)
+        h = reference.transformer
+        expected = h.drop(h.wte(x) + h.wpe(torch.arange(x.shape[1])))
+        for i in (0, 2, 3):
+            expected = h.h[i](expected)
+        assert torch.equal(out, reference.lm_head(h.ln_f(expected)))
+        out.sum().backward()
+        skipped = model.transformer.h[1]
+        assert all(p.grad is None for p in skipped.parameters())
+        assert skipped.mlp.c_fc.lora_b.weight.grad is None
+        model.zero_grad(set_to_none=True)
     ctl.remove()
     assert_same_state(before, module_state(model))
 
@@ -74,7 +73,7 @@ def test_width_cuts_the_base_weight_and_the_adapter_together():
 
     reference = copy.deepcopy(model.transformer.h[0].mlp)
     ctl = transform(model, WidthRaPTr("0.25-1", total_steps=2), example_inputs=tokens())
-    kept = ctl._cuts.kept[ctl.width_groups.index(mlp)]
+    kept = ctl.kept_indices[mlp.name]
     assert len(kept) == 16
     x = torch.randn(2, 8, 16)
     fc, proj = reference.c_fc, reference.c_proj
@@ -221,7 +220,7 @@ def test_peft_llama_width_groups_cut_base_and_adapter_together():
     up = model.base_model.model.model.layers[0].mlp.up_proj
     model.train()
     for _ in range(2):
-        kept = ctl._cuts.kept[1]
+        kept = ctl.kept_indices[ctl.width_groups[1].name]
         dropped = sorted(set(range(32)) - set(kept))
         frozen = [up.lora_B.default.weight[dropped].clone(), down.lora_A.default.weight[:, dropped].clone()]
         trained = up.lora_B.default.weight[kept].clone()

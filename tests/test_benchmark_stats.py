@@ -1,13 +1,9 @@
 """The speed benchmarks' statistics: ratios within rotated rounds, their intervals and verdicts."""
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import common  # noqa: E402
-from common import Estimate, Interleaved, ratio_of_sums, trimmed_mean  # noqa: E402
+from benchmarks import common
+from benchmarks.common import Estimate, Interleaved, ratio_of_sums, trimmed_mean
 
 
 def test_trimmed_mean_drops_the_bursts_at_both_ends():

@@ -117,9 +117,9 @@ def test_regional_units_lower_their_backward_at_forward_and_leave_the_setting_as
             seen.append(torch._functorch.config.force_non_lazy_backward_lowering)
             return _original(*args, **kwargs)
         gate.compiled_forward = recorder
-    ctl._state.set([True, False, True], [1.0] * 3)  # a random pattern: the gates leave the graph
-    for user_setting in (False, True):
-        with torch._functorch.config.patch(force_non_lazy_backward_lowering=user_setting):
-            torch.compile(model, backend="eager")(*tokens()).sum().backward()
-            assert torch._functorch.config.force_non_lazy_backward_lowering is user_setting
-    assert seen == [True] * 4  # two kept units, two steps
+    with ctl.force(active=[True, False, True]):  # a random pattern: the gates leave the graph
+        for user_setting in (False, True):
+            with torch._functorch.config.patch(force_non_lazy_backward_lowering=user_setting):
+                torch.compile(model, backend="eager")(*tokens()).sum().backward()
+                assert torch._functorch.config.force_non_lazy_backward_lowering is user_setting
+        assert seen == [True] * 4  # two kept units, two steps

@@ -9,7 +9,6 @@ import torch
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-import raptr_fx
 from raptr_fx import RaPTr, RaptrError, transform
 from tests.distributed import WORLD, run_ranks
 from tests.fixtures.models import GPT

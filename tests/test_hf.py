@@ -77,23 +77,23 @@ def test_gated_training_and_exact_eval(name):
     model.train(), reference.train()
     model.config.use_cache = reference.config.use_cache = False
     # all-active training equals the original (dropout off)
-    ctl._state.set([True] * 3, [1.0] * 3)
-    model.eval(), reference.eval()
-    assert torch.equal(output(model(**inputs())), output(reference(**inputs())))
+    with ctl.force(active=[True] * 3):
+        model.eval(), reference.eval()
+        assert torch.equal(output(model(**inputs())), output(reference(**inputs())))
     # one layer off equals the model without that layer
     for m in (model, reference):
         for module in m.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
     model.train()
-    ctl._state.set([True, False, True], [1.0] * 3)
-    layers = dict(reference.named_modules())[prefix]
-    del layers[1]
-    reference.config.num_hidden_layers = 2
-    if hasattr(reference.config, "n_layer"):
-        reference.config.n_layer = 2
-    reference.train()
-    torch.testing.assert_close(output(model(**inputs())), output(reference(**inputs())), rtol=0, atol=0)
+    with ctl.force(active=[True, False, True]):
+        layers = dict(reference.named_modules())[prefix]
+        del layers[1]
+        reference.config.num_hidden_layers = 2
+        if hasattr(reference.config, "n_layer"):
+            reference.config.n_layer = 2
+        reference.train()
+        torch.testing.assert_close(output(model(**inputs())), output(reference(**inputs())), rtol=0, atol=0)
     # training steps run and keep the HF API
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     ctl.attach(optimizer)
@@ -216,24 +216,24 @@ def test_t5_eval_and_gradients_are_untouched_and_dropped_blocks_train_like_a_han
             assert torch.equal(p.grad, q.grad), name
         model.zero_grad(), reference.zero_grad()
     # blocks dropped: a few SGD steps match the model with those blocks replaced by a hand-written skip
-    ctl._state.set([False, True, True, False], [1.0] * 4)
-    dropped_before = model.encoder.block[1].layer[0].SelfAttention.q.weight.clone()
-    reference.encoder.block[1] = SkippedT5Block()
-    reference.decoder.block[2] = SkippedT5Block()
-    model.train(), reference.train()
-    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, reference)]
-    for _ in range(3):
-        losses = [t5_loss(m) for m in (model, reference)]
-        assert torch.equal(losses[0], losses[1])
-        for loss, optimizer in zip(losses, optimizers):
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-    kept = dict(reference.named_parameters())
-    for name, p in model.named_parameters():
-        if name in kept:
-            assert torch.equal(p, kept[name]), name
-    assert torch.equal(model.encoder.block[1].layer[0].SelfAttention.q.weight, dropped_before)
+    with ctl.force(active=[False, True, True, False]):
+        dropped_before = model.encoder.block[1].layer[0].SelfAttention.q.weight.clone()
+        reference.encoder.block[1] = SkippedT5Block()
+        reference.decoder.block[2] = SkippedT5Block()
+        model.train(), reference.train()
+        optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, reference)]
+        for _ in range(3):
+            losses = [t5_loss(m) for m in (model, reference)]
+            assert torch.equal(losses[0], losses[1])
+            for loss, optimizer in zip(losses, optimizers):
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+        kept = dict(reference.named_parameters())
+        for name, p in model.named_parameters():
+            if name in kept:
+                assert torch.equal(p, kept[name]), name
+        assert torch.equal(model.encoder.block[1].layer[0].SelfAttention.q.weight, dropped_before)
 
 
 def test_t5_scaling_rescales_only_the_stream():
@@ -241,13 +241,13 @@ def test_t5_scaling_rescales_only_the_stream():
     model = t5(layers=2)
     ctl = transform(model, FullModel(), scaling="inverse", example_inputs=t5_inputs())
     gate = model.encoder.block[1].forward
-    ctl._state.set([True, True], [2.0, 1.0])
-    model.train()
-    x, bias = torch.randn(2, 8, 16), torch.randn(1, 2, 8, 8)
-    out = gate.original(x, None, bias)
-    scaled = gate.gated((x, None, bias), {}, gate.original)
-    assert torch.equal(scaled[0], x + (out[0] - x) * 2.0)  # the stream's update is scaled ...
-    assert scaled[1] is bias and scaled[2] is None  # ... the passed-on bias is not
+    with ctl.force(active=[True, True], scale=[2.0, 1.0]):
+        model.train()
+        x, bias = torch.randn(2, 8, 16), torch.randn(1, 2, 8, 8)
+        out = gate.original(x, None, bias)
+        scaled = gate.gated((x, None, bias), {}, gate.original)
+        assert torch.equal(scaled[0], x + (out[0] - x) * 2.0)  # the stream's update is scaled ...
+        assert scaled[1] is bias and scaled[2] is None  # ... the passed-on bias is not
 
 
 @pytest.mark.parametrize("name", list(MODELS))

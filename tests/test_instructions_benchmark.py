@@ -1,10 +1,6 @@
 """benchmarks/instructions.py: how one valgrind process counts its variants in turn (no counts asserted)."""
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from instructions import Rotation, Variant, warmed_step  # noqa: E402
+from benchmarks.instructions import Rotation, Variant, warmed_step
 
 
 def calls_as_the_timer_makes_them(rotation: Rotation, number: int, repeats: int) -> None:

@@ -244,7 +244,8 @@ def test_width_schedule_cuts_and_freezes_under_the_trainer(tmp_path):
 
     def record(*_):
         if callback.controller is not None and callback.controller.width_groups:
-            seen.append((callback.controller.step_count, callback.controller._cuts.kept[0], weight.detach().clone()))
+            kept = list(callback.controller.kept_indices.values())[0]
+            seen.append((callback.controller.step_count, kept, weight.detach().clone()))
 
     model.gpt.transformer.h[0].mlp.c_fc.register_forward_hook(record)
     trainer, _, _ = train(model, callback, tmp_path, save_steps=100, max_steps=STEPS // 2 + 1, weight_decay=0.1)

@@ -82,16 +82,16 @@ def test_a_dropped_unit_skips_what_it_owns_and_eval_is_the_plain_model(pattern, 
     model.train()
     reference.train()
     dropped = ctl.blocks[0].name
-    ctl._state.set([b.name != dropped for b in ctl.blocks], [1.0] * len(ctl.blocks))
-    with LayerNormCount() as counted:
-        out = model(x)
-    _, before_modules, after_modules = owned[dropped]
-    assert counted.count == full.count - len(before_modules) - len(after_modules)  # the owned norms did not run
-    assert torch.equal(out, zeroed(copy.deepcopy(reference), [dropped, *after_modules])(x))
-    out.sum().backward()
-    owned_params = [model.get_parameter(p) for p in owned[dropped][0]]
-    assert all(p.grad is None for p in model.get_submodule(dropped).parameters())
-    assert all(p.grad is None or not p.grad.any() for p in owned_params)  # a layer scale times zeros: zeros
+    with ctl.force(active=[b.name != dropped for b in ctl.blocks]):
+        with LayerNormCount() as counted:
+            out = model(x)
+        _, before_modules, after_modules = owned[dropped]
+        assert counted.count == full.count - len(before_modules) - len(after_modules)  # the owned norms did not run
+        assert torch.equal(out, zeroed(copy.deepcopy(reference), [dropped, *after_modules])(x))
+        out.sum().backward()
+        owned_params = [model.get_parameter(p) for p in owned[dropped][0]]
+        assert all(p.grad is None for p in model.get_submodule(dropped).parameters())
+        assert all(p.grad is None or not p.grad.any() for p in owned_params)  # a layer scale times zeros: zeros
     ctl.remove()
     assert_same_state(before, module_state(model))
     assert torch.equal(model(x), reference(x))
@@ -162,9 +162,9 @@ def test_an_owned_module_must_keep_its_input_shape():
     assert [(b.name, b.owned_before) for b in blocks if b.droppable] == [("fc2.0", ("fc1.0",)), ("fc2.1", ("fc1.1",))]
     reference = copy.deepcopy(model)
     ctl = transform(model, FullModel(), example_inputs=features())
-    ctl._state.set([False, True], [1.0, 1.0])
-    x = features()[0]
-    assert torch.equal(model(x), zeroed(reference, ["fc2.0"])(x))
+    with ctl.force(active=[False, True]):
+        x = features()[0]
+        assert torch.equal(model(x), zeroed(reference, ["fc2.0"])(x))
     # TinyBert's intermediate (16 -> 64) cannot return zeros in place of its output.
     from tests.fixtures.models import TinyBert
 
@@ -192,7 +192,7 @@ def test_compiled_gates_skip_what_units_own(compile_mode):
     ctl = transform(model, FullModel(), compile_mode=compile_mode, compile_options=dict(backend="aot_eager"))
     compiled = torch.compile(model, backend="aot_eager")
     x = features()[0]
-    ctl._state.set([False, True], [1.0, 1.0])
-    torch.testing.assert_close(compiled(x), zeroed(copy.deepcopy(reference), ["mlps.0", "post_norms.0"])(x))
-    ctl._state.set([True, True], [1.0, 1.0])
-    torch.testing.assert_close(compiled(x), reference(x))
+    with ctl.force(active=[False, True]):
+        torch.testing.assert_close(compiled(x), zeroed(copy.deepcopy(reference), ["mlps.0", "post_norms.0"])(x))
+    with ctl.force(active=[True, True]):
+        torch.testing.assert_close(compiled(x), reference(x))

@@ -33,12 +33,12 @@ def test_a_branch_owning_its_layer_scale_is_a_zero_unit():
     reference = copy.deepcopy(model)
     ctl = transform(model, FullModel(), example_inputs=features())
     assert [(b.name, b.drop) for b in ctl.blocks] == [("branches.0", "zero"), ("branches.1", "zero")]
-    ctl._state.set([False, True], [1.0, 1.0])
-    x = features()[0]
-    out = model(x)
-    assert torch.equal(out, x + reference.branches[1](x))
-    out.sum().backward()
-    assert all(p.grad is None for p in model.branches[0].parameters())
+    with ctl.force(active=[False, True]):
+        x = features()[0]
+        out = model(x)
+        assert torch.equal(out, x + reference.branches[1](x))
+        out.sum().backward()
+        assert all(p.grad is None for p in model.branches[0].parameters())
 
 
 @pytest.mark.parametrize("factory", [patterns.UnreadWeightsStack, patterns.DataDependentUnread],
@@ -51,11 +51,11 @@ def test_unread_attention_weights_are_rebuilt_as_none(factory):
     assert discovery.blocks[0].output_slots == (OutputSlot(0, "stream"), OutputSlot(1, "unread"))
     reference = copy.deepcopy(model)
     ctl = transform(model, FullModel(), example_inputs=features())
-    ctl._state.set([True, False, True], [1.0] * 3)
-    x = features()[0]
-    assert model.layers[1](x) == (x, None)  # the skipped layer's (stream, None)
-    expected = reference.layers[2](reference.layers[0](x)[0])[0]
-    assert torch.equal(model(x), expected)
+    with ctl.force(active=[True, False, True]):
+        x = features()[0]
+        assert model.layers[1](x) == (x, None)  # the skipped layer's (stream, None)
+        expected = reference.layers[2](reference.layers[0](x)[0])[0]
+        assert torch.equal(model(x), expected)
 
 
 def test_read_attention_weights_still_refuse_the_layer():
@@ -100,12 +100,12 @@ def assert_skips(model, with_inputs, skipped, expected):
     assert torch.equal(model(x), reference(x))
     model.train()
     names = [b.name for b in ctl.blocks]
-    ctl._state.set([name != skipped for name in names], [1.0] * len(names))
-    out = model(x)
-    assert torch.equal(out, expected(reference, x))
-    out.sum().backward()
-    assert all(p.grad is None for p in model.get_submodule(skipped).parameters())
-    model.zero_grad(set_to_none=True)
+    with ctl.force(active=[name != skipped for name in names]):
+        out = model(x)
+        assert torch.equal(out, expected(reference, x))
+        out.sum().backward()
+        assert all(p.grad is None for p in model.get_submodule(skipped).parameters())
+        model.zero_grad(set_to_none=True)
     ctl.remove()
     assert_same_state(before, module_state(model))
 
@@ -189,9 +189,9 @@ def test_a_default_attention_mask_skipped_while_traced_is_added():
         "attention_mask of ones added (the model's default, not built while traced)"]
     reference = copy.deepcopy(model)
     ctl = transform(model, FullModel(), example_inputs={"input_ids": ids})
-    ctl._state.set([False, True], [1.0, 1.0])
-    keep = torch.ones(*ids.shape, 1)
-    assert torch.equal(model(ids), reference.head(reference.layers[1](reference.embed(ids), keep)))
+    with ctl.force(active=[False, True]):
+        keep = torch.ones(*ids.shape, 1)
+        assert torch.equal(model(ids), reference.head(reference.layers[1](reference.embed(ids), keep)))
 
 
 def test_a_none_mask_the_forward_cannot_take_is_reported_not_added():
@@ -221,11 +221,11 @@ def test_a_data_dependent_branch_is_traced_as_the_example_takes_it():
     model.eval()
     assert torch.equal(model(ids), reference(ids))
     model.train()
-    ctl._state.set([False, True], [1.0, 1.0])
-    out = model(ids)
-    assert torch.equal(out, reference.layers[1](reference.embed(ids), is_global))
-    out.sum().backward()
-    assert all(p.grad is None for p in model.layers[0].parameters())
+    with ctl.force(active=[False, True]):
+        out = model(ids)
+        assert torch.equal(out, reference.layers[1](reference.embed(ids), is_global))
+        out.sum().backward()
+        assert all(p.grad is None for p in model.layers[0].parameters())
 
 
 def test_layers_run_again_after_no_grad_calls_are_refused_as_shared():
@@ -468,9 +468,9 @@ def test_a_skipped_branch_on_a_learned_token_leaves_the_token():
     ctl = transform(model, FullModel(), example_inputs=features())
     assert [(b.name, b.drop) for b in ctl.blocks] == [("body.0", "identity"), ("body.1", "identity"),
                                                        ("pool", "zero")]
-    ctl._state.set([True, True, False], [1.0] * 3)
-    x = features()[0]
-    assert torch.equal(model(x), reference.head(reference.query.expand(2, -1, -1)[:, 0]))
+    with ctl.force(active=[True, True, False]):
+        x = features()[0]
+        assert torch.equal(model(x), reference.head(reference.query.expand(2, -1, -1)[:, 0]))
     ctl.remove()
 
 

@@ -2,13 +2,10 @@
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import quality  # noqa: E402
+from benchmarks import quality
 
 
 def mean_keep(method: str, steps: int) -> float:

@@ -116,7 +116,10 @@ def test_shrinking_raptr_points_at_progressive_layer_drop(stages, message):
 
 
 def test_full_model_warmup_before_a_smaller_stage_is_not_shrinking():
-    RaPTr([Stage(5, keep=1.0), Stage(5, active=6), Stage(5, active=12)])
+    schedule = RaPTr([Stage(5, keep=1.0), Stage(5, active=6), Stage(5, active=12)])  # accepted
+    schedule.validate(12)
+    assert schedule.keep_probabilities(0, 12) == [1.0] * 12  # the warm-up runs every unit
+    assert sum(schedule.keep_probabilities(5, 12)) == pytest.approx(6)  # then 6 of 12
 
 
 def test_shrinking_first_stage_says_how_to_write_a_warmup():

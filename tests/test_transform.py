@@ -12,11 +12,6 @@ from raptr_fx import FullModel, RaptrError, Stage, transform
 from tests.fixtures.models import GPT, ZOO, BranchLoopTransformer, ResNet, images, tokens
 
 
-def forced(controller, keep, scale=None):
-    """Pin this step's decisions (tests only)."""
-    controller._state.set(list(keep), list(scale or [1.0] * len(keep)))
-
-
 def gpt_pair(n_layer=4):
     torch.manual_seed(0)
     model = GPT(n_layer=n_layer)
@@ -26,9 +21,9 @@ def gpt_pair(n_layer=4):
 def test_eval_output_is_bitwise_equal_to_the_untransformed_model():
     model, reference = gpt_pair()
     ctl = transform(model, "2-4", total_steps=10)
-    forced(ctl, [True, False, False, True])
-    model.eval(), reference.eval()
-    assert torch.equal(model(*tokens()), reference(*tokens()))
+    with ctl.force(active=[True, False, False, True]):
+        model.eval(), reference.eval()
+        assert torch.equal(model(*tokens()), reference(*tokens()))
 
 
 def test_all_active_training_output_equals_the_original():
@@ -40,9 +35,9 @@ def test_all_active_training_output_equals_the_original():
 def test_gate_off_equals_block_replaced_by_identity():
     model, reference = gpt_pair()
     ctl = transform(model, FullModel())
-    forced(ctl, [True, False, True, True])
-    reference.transformer.h[1] = nn.Identity()
-    assert torch.equal(model(*tokens()), reference(*tokens()))
+    with ctl.force(active=[True, False, True, True]):
+        reference.transformer.h[1] = nn.Identity()
+        assert torch.equal(model(*tokens()), reference(*tokens()))
 
 
 def test_zero_unit_off_equals_branch_replaced_by_zero():
@@ -51,40 +46,40 @@ def test_zero_unit_off_equals_branch_replaced_by_zero():
     reference = copy.deepcopy(model)
     ctl = transform(model, FullModel())
     assert [b.name for b in ctl.blocks] == ["attns.0", "mlps.0", "attns.1", "mlps.1"]
-    forced(ctl, [True, True, False, True])
 
     class Zero(nn.Module):
         def forward(self, x):
             return torch.zeros_like(x)
 
     reference.attns[1] = Zero()
-    assert torch.equal(model(*tokens()), reference(*tokens()))
+    with ctl.force(active=[True, True, False, True]):
+        assert torch.equal(model(*tokens()), reference(*tokens()))
 
 
 def test_dropped_block_forward_is_never_called():
     model, _ = gpt_pair()
     ctl = transform(model, FullModel())
-    forced(ctl, [True, False, True, False])
-    calls = []
-    for i, block in enumerate(model.transformer.h):
-        block.attn.register_forward_hook(lambda *_, i=i: calls.append(i))
-    model(*tokens()).sum().backward()
-    assert calls == [0, 2]
-    assert model.transformer.h[1].attn.c_attn.weight.grad is None
-    assert model.transformer.h[0].attn.c_attn.weight.grad is not None
+    with ctl.force(active=[True, False, True, False]):
+        calls = []
+        for i, block in enumerate(model.transformer.h):
+            block.attn.register_forward_hook(lambda *_, i=i: calls.append(i))
+        model(*tokens()).sum().backward()
+        assert calls == [0, 2]
+        assert model.transformer.h[1].attn.c_attn.weight.grad is None
+        assert model.transformer.h[0].attn.c_attn.weight.grad is not None
 
 
 def test_inverse_scaling_formula_identity_units():
     model, reference = gpt_pair(n_layer=3)
     ctl = transform(model, FullModel(), scaling="inverse")
-    forced(ctl, [True, True, True], [1.0, 2.5, 1.0])
-    x = reference.transformer.wte(tokens()[0]) + reference.transformer.wpe(torch.arange(8))
-    h = reference.transformer.h
-    x = h[0](x)
-    x = x + 2.5 * (h[1](x) - x)  # kept unit: x + (f(x) - x) / p
-    x = h[2](x)
-    expected = reference.lm_head(reference.transformer.ln_f(x))
-    torch.testing.assert_close(model(*tokens()), expected, rtol=0, atol=1e-6)
+    with ctl.force(active=[True, True, True], scale=[1.0, 2.5, 1.0]):
+        x = reference.transformer.wte(tokens()[0]) + reference.transformer.wpe(torch.arange(8))
+        h = reference.transformer.h
+        x = h[0](x)
+        x = x + 2.5 * (h[1](x) - x)  # kept unit: x + (f(x) - x) / p
+        x = h[2](x)
+        expected = reference.lm_head(reference.transformer.ln_f(x))
+        torch.testing.assert_close(model(*tokens()), expected, rtol=0, atol=1e-6)
 
 
 def test_inverse_scaling_formula_zero_units():
@@ -92,12 +87,12 @@ def test_inverse_scaling_formula_zero_units():
     model = BranchLoopTransformer(n_layer=1)
     reference = copy.deepcopy(model)
     ctl = transform(model, FullModel(), scaling=lambda p: 1 / p)
-    forced(ctl, [True, True], [4.0, 1.0])
-    idx = tokens()[0]
-    x = reference.embed(idx)
-    x = x + 4.0 * reference.attns[0](x)  # kept branch: x + b(x) / p
-    x = x + reference.mlps[0](x)
-    torch.testing.assert_close(model(idx), reference.head(x), rtol=0, atol=1e-6)
+    with ctl.force(active=[True, True], scale=[4.0, 1.0]):
+        idx = tokens()[0]
+        x = reference.embed(idx)
+        x = x + 4.0 * reference.attns[0](x)  # kept branch: x + b(x) / p
+        x = x + reference.mlps[0](x)
+        torch.testing.assert_close(model(idx), reference.head(x), rtol=0, atol=1e-6)
 
 
 def test_scaling_follows_keep_probability():
@@ -136,8 +131,8 @@ def test_model_keeps_its_class_and_methods():
 def test_remove_restores_exact_behaviour():
     model, reference = gpt_pair()
     ctl = transform(model, "2-4", total_steps=10)
-    forced(ctl, [True, False, False, True])
-    assert not torch.equal(model(*tokens()), reference(*tokens()))
+    with ctl.force(active=[True, False, False, True]):
+        assert not torch.equal(model(*tokens()), reference(*tokens()))
     ctl.remove()
     assert all("forward" not in m.__dict__ for m in model.modules())
     assert torch.equal(model(*tokens()), reference(*tokens()))
@@ -221,14 +216,14 @@ def test_gates_follow_parameters_replaced_after_transform():
     model.double()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     ctl.attach(optimizer)
-    forced(ctl, [True, False, True, True])
-    weight = model.transformer.h[1].mlp.c_fc.weight
-    model(*tokens()).sum().backward()
-    weight.grad = torch.ones_like(weight)  # as DDP or a compiled graph would leave it
-    before = weight.detach().clone()
-    optimizer.step()
-    assert torch.equal(before, weight)
-    assert {id(p) for gate in ctl._gates for p in gate.parameters()} <= {id(p) for p in model.parameters()}
+    with ctl.force(active=[True, False, True, True]):
+        weight = model.transformer.h[1].mlp.c_fc.weight
+        model(*tokens()).sum().backward()
+        weight.grad = torch.ones_like(weight)  # as DDP or a compiled graph would leave it
+        before = weight.detach().clone()
+        optimizer.step()
+        assert torch.equal(before, weight)
+        assert {id(p) for gate in ctl._gates for p in gate.parameters()} <= {id(p) for p in model.parameters()}
 
 
 def test_transform_errors_for_models_without_blocks():
@@ -269,13 +264,16 @@ def test_every_zoo_model_trains_with_gates(name):
 def test_eager_skip_path_uses_no_torch_cond(monkeypatch):
     model, _ = gpt_pair()
     ctl = transform(model, FullModel())
-    forced(ctl, [True, False, True, False])
 
     def fail(*args, **kwargs):
         raise AssertionError("torch.cond called in eager mode")
 
     monkeypatch.setattr(torch, "cond", fail)
-    model(*tokens()).sum().backward()
+    with ctl.force(active=[True, False, True, False]):
+        model(*tokens()).sum().backward()
+    # the backward went through the eager gates: kept units have gradients, skipped units none
+    grads = [block.mlp.c_fc.weight.grad is not None for block in model.transformer.h]
+    assert grads == [True, False, True, False]
 
 
 def test_resnet_blocks_drop_to_identity():
@@ -283,7 +281,7 @@ def test_resnet_blocks_drop_to_identity():
     model = ResNet()
     reference = copy.deepcopy(model)
     ctl = transform(model, FullModel())
-    forced(ctl, [False, True, False])
-    reference.layer1[0] = nn.Identity()
-    reference.layer2[1] = nn.Identity()
-    assert torch.equal(model(*images()), reference(*images()))
+    with ctl.force(active=[False, True, False]):
+        reference.layer1[0] = nn.Identity()
+        reference.layer2[1] = nn.Identity()
+        assert torch.equal(model(*images()), reference(*images()))

@@ -32,30 +32,30 @@ def test_skipped_tuple_and_dict_units_match_a_hand_written_skip():
     model, reference = pair()
     ctl = transform(model, FullModel(), example_inputs=features())
     assert [b.name for b in ctl.blocks] == ["single.0", "single.1", "masked.0", "masked.1"]
-    ctl._state.set([False, True, True, False], [1.0] * 4)
-    reference.single[0] = SkipTuple()
-    reference.masked[1] = SkipMasked()
-    out, expected = model(*features()), reference(*features())
-    assert torch.equal(out, expected)
-    out.sum().backward(), expected.sum().backward()
-    grads = dict(reference.named_parameters())
-    for name, p in model.named_parameters():
-        if name in grads:
-            assert torch.equal(p.grad, grads[name].grad), name
-        else:
-            assert p.grad is None, name  # a skipped unit did not run
+    with ctl.force(active=[False, True, True, False]):
+        reference.single[0] = SkipTuple()
+        reference.masked[1] = SkipMasked()
+        out, expected = model(*features()), reference(*features())
+        assert torch.equal(out, expected)
+        out.sum().backward(), expected.sum().backward()
+        grads = dict(reference.named_parameters())
+        for name, p in model.named_parameters():
+            if name in grads:
+                assert torch.equal(p.grad, grads[name].grad), name
+            else:
+                assert p.grad is None, name  # a skipped unit did not run
 
 
 def test_inverse_scaling_rescales_only_the_stream_element():
     model, reference = pair()
     ctl = transform(model, FullModel(), scaling="inverse", example_inputs=features())
-    ctl._state.set([True, True, True, True], [1.0, 1.0, 1.0, 3.0])
-    x, mask = torch.randn(2, 5, 16), torch.ones(2, 5, 1)
-    gate = model.masked[1].forward
-    out = gate(x, mask)
-    plain = reference.masked[1](x, mask)
-    assert torch.allclose(out["hidden"], x + (plain["hidden"] - x) * 3.0)
-    assert out["mask"] is mask and out["cache"] is None
+    with ctl.force(active=[True, True, True, True], scale=[1.0, 1.0, 1.0, 3.0]):
+        x, mask = torch.randn(2, 5, 16), torch.ones(2, 5, 1)
+        gate = model.masked[1].forward
+        out = gate(x, mask)
+        plain = reference.masked[1](x, mask)
+        assert torch.allclose(out["hidden"], x + (plain["hidden"] - x) * 3.0)
+        assert out["mask"] is mask and out["cache"] is None
 
 
 @pytest.mark.compile
@@ -67,8 +67,8 @@ def test_compiled_tuple_units_match_eager(compile_mode):
                     compile_options={"backend": "eager"})
     compiled = torch.compile(model, backend="eager")
     for keep in ([True] * 4, [False, True, True, False], [True, False, False, True]):
-        ctl._state.set(keep, [1.0] * 4)
-        torch.testing.assert_close(compiled(*features()), model(*features()), rtol=0, atol=0)
+        with ctl.force(active=keep):
+            torch.testing.assert_close(compiled(*features()), model(*features()), rtol=0, atol=0)
 
 
 def test_an_element_recomputed_equal_to_its_input_is_passed_through():
@@ -81,13 +81,13 @@ def test_an_element_recomputed_equal_to_its_input_is_passed_through():
     assert [b.name for b in ctl.blocks] == ["layers.0", "layers.1", "layers.2"]
     assert [s.role for s in ctl.blocks[0].output_slots] == ["stream", "input"]
     model.train()
-    ctl._state.set([True, False, True], [1.0] * 3)
-    out = model(*features())
-    x = features()[0]
-    thw = (x.shape[1], 1)
-    for i in (0, 2):
-        x, thw = reference.layers[i](x, thw)
-    assert torch.equal(out, x * thw[1])
+    with ctl.force(active=[True, False, True]):
+        out = model(*features())
+        x = features()[0]
+        thw = (x.shape[1], 1)
+        for i in (0, 2):
+            x, thw = reference.layers[i](x, thw)
+        assert torch.equal(out, x * thw[1])
 
 
 def test_an_element_recomputed_unequal_to_its_input_is_still_refused():

@@ -88,13 +88,13 @@ def test_stepping_per_micro_batch_is_reported():
 def test_training_in_eval_mode_is_reported_and_freezes_nothing():
     model, ctl, optimizer = setup(step_with_optimizer=True)
     model.eval()  # as from_pretrained returns it
-    ctl._state.set([True, False, True, True], [1.0] * 4)
-    weight = model.transformer.h[1].mlp.c_fc.weight
-    before = weight.detach().clone()
-    with pytest.warns(RaptrWarning, match=r"eval mode.*model\.train\(\)") as record:
-        train(model, optimizer, 5)
-    assert len(raptr_warnings(record)) == 1
-    assert not torch.equal(before, weight), "the full network ran, so every unit must train"
+    with ctl.force(active=[True, False, True, True]):
+        weight = model.transformer.h[1].mlp.c_fc.weight
+        before = weight.detach().clone()
+        with pytest.warns(RaptrWarning, match=r"eval mode.*model\.train\(\)") as record:
+            train(model, optimizer, 5)
+        assert len(raptr_warnings(record)) == 1
+        assert not torch.equal(before, weight), "the full network ran, so every unit must train"
 
 
 def test_a_resumed_controller_is_not_misreported():
@@ -114,14 +114,14 @@ def test_attach_finds_the_optimizer_behind_accelerate_and_lightning():
     for wrap in (lambda opt: Accelerator(cpu=True).prepare(opt), LightningOptimizer):
         model, ctl, optimizer = setup()
         ctl.attach(wrap(optimizer))
-        ctl._state.set([True, False, True, True], [1.0] * 4)
-        weight = model.transformer.h[1].mlp.c_fc.weight
-        model(*tokens()).sum().backward()
-        weight.grad = torch.ones_like(weight)  # as DDP or a compiled graph would leave it
-        before = weight.detach().clone()
-        optimizer.step()
-        assert torch.equal(before, weight), "the dropped unit must be frozen through the wrapper"
-        assert ctl.step_count == 1
+        with ctl.force(active=[True, False, True, True]):
+            weight = model.transformer.h[1].mlp.c_fc.weight
+            model(*tokens()).sum().backward()
+            weight.grad = torch.ones_like(weight)  # as DDP or a compiled graph would leave it
+            before = weight.detach().clone()
+            optimizer.step()
+            assert torch.equal(before, weight), "the dropped unit must be frozen through the wrapper"
+            assert ctl.step_count == 1
 
 
 def test_attach_errors_name_what_to_pass():

@@ -147,7 +147,7 @@ def test_cut_heads_compute_the_smaller_attention():
     model = llama(layers=1)
     ctl = transform(model, WidthRaPTr([Stage(2, width=0.5), Stage(2, width=1.0)], width_kinds=("heads",)),
                     example_inputs=hf_inputs())
-    kept = ctl._cuts.kept[0]
+    kept = ctl.kept_indices["model.layers.0.self_attn:heads"]
     small = llama(heads=2, kv_heads=1, layers=1)
     with torch.no_grad():
         for name, p in small.named_parameters():
@@ -171,7 +171,7 @@ def test_inverse_scaling_scales_the_consumer_before_its_bias():
     mlp = copy.deepcopy(model.transformer.h[0].mlp)
     ctl = transform(model, WidthRaPTr("0.25-1", total_steps=2, width_scaling="inverse", width_kinds=("mlp",)),
                     example_inputs=tokens())
-    kept = ctl._cuts.kept[0]
+    kept = ctl.kept_indices["transformer.h.0.mlp:mlp"]
     x = torch.randn(2, 8, 16)
     expected = (torch.nn.functional.gelu(x @ mlp.c_fc.weight[kept].T + mlp.c_fc.bias[kept])
                 @ mlp.c_proj.weight[:, kept].T) * 4 + mlp.c_proj.bias
@@ -199,10 +199,10 @@ def test_parts_not_kept_are_bitwise_unchanged_after_adamw():
     ctl.attach(optimizer)
     mlp = model.model.layers[0].mlp
     for _ in range(4):
-        kept = ctl._cuts.kept[1]  # layer 0's MLP (groups are in unit order: heads, mlp)
+        kept = ctl.kept_indices["model.layers.0.mlp:mlp"]  # (groups are in unit order: heads, mlp)
         assert ctl.width_groups[1].name == "model.layers.0.mlp:mlp"
         dropped = sorted(set(range(32)) - set(kept))
-        state = lambda: [t.clone() for t in optimizer.state[mlp.up_proj.weight].values()
+        state = lambda: [t.clone() for t in optimizer.state[mlp.up_proj.weight].values()  # noqa: E731
                          if torch.is_tensor(t) and t.dim() == 2] if optimizer.state else []
         before = [mlp.gate_proj.weight[dropped].clone(), mlp.up_proj.weight[dropped].clone(),
                   mlp.down_proj.weight[:, dropped].clone()]
@@ -224,7 +224,7 @@ def test_without_freezing_parts_not_kept_would_move():
     ctl = transform(model, WidthRaPTr("0.5-1", total_steps=4), example_inputs=hf_inputs())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     ctl.attach(optimizer, freeze_dropped=False)
-    dropped = sorted(set(range(32)) - set(ctl._cuts.kept[1]))
+    dropped = sorted(set(range(32)) - set(ctl.kept_indices["model.layers.0.mlp:mlp"]))
     before = model.model.layers[0].mlp.up_proj.weight[dropped].clone()
     model(**hf_inputs()).logits.pow(2).mean().backward()
     optimizer.step()
@@ -238,7 +238,7 @@ def test_closure_optimizer_keeps_parts_not_kept_with_attach_alone():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
     ctl.attach(optimizer)
     for _ in range(2):
-        dropped = sorted(set(range(64)) - set(ctl._cuts.kept[0]))
+        dropped = sorted(set(range(64)) - set(ctl.kept_indices["transformer.h.0.mlp:mlp"]))
         weight = model.transformer.h[0].mlp.c_fc.weight
         before = weight[dropped].clone()
 
@@ -265,7 +265,7 @@ def test_meta_device_init_and_assign_loading_are_followed():
     fresh = {k: v.clone() for k, v in fresh.items()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     ctl.attach(optimizer)
-    dropped = sorted(set(range(64)) - set(ctl._cuts.kept[0]))
+    dropped = sorted(set(range(64)) - set(ctl.kept_indices["transformer.h.0.mlp:mlp"]))
     model(*tokens()).pow(2).mean().backward()
     optimizer.step()
     weight = model.transformer.h[0].mlp.c_fc.weight
@@ -392,7 +392,7 @@ def test_fused_heads_compute_exactly_the_kept_heads(fused):
     model, inputs, attention, (fused_name, out_name) = fused
     ctl = _heads_only(model, inputs)
     group = by_name(ctl.width_groups)[f"{attention}:heads"]
-    kept = ctl._cuts.kept[ctl.width_groups.index(group)]
+    kept = ctl.kept_indices[group.name]
     assert group.droppable and len(kept) == group.parts // 2
     module = model.get_submodule(attention)
     qkv, out = getattr(module, fused_name), getattr(module, out_name)
@@ -464,13 +464,13 @@ def test_fused_heads_not_kept_are_bitwise_unchanged_after_adamw(fused):
     g = [grp.name for grp in ctl.width_groups].index(f"{attention}:heads")
     group = ctl.width_groups[g]
     for _ in range(3):
-        kept = ctl._cuts.kept[g]
+        kept = ctl.kept_indices[group.name]
         dropped = sorted(set(range(group.parts)) - set(kept))
         rows, columns = _fused_rows(group, dropped), _out_columns(group, dropped)
         before = [_rows(qkv, rows).clone(), qkv.bias[rows].clone(), _columns(out, columns).clone()]
         kept_before = _rows(qkv, _fused_rows(group, kept)).clone()
-        moment = lambda: (optimizer.state[qkv.weight]["exp_avg"][:, rows] if type(qkv).__name__ == "Conv1D"  # noqa: E731
-                          else optimizer.state[qkv.weight]["exp_avg"][rows]).clone()
+        moment = lambda: (optimizer.state[qkv.weight]["exp_avg"][:, rows] if type(qkv).__name__ == "Conv1D"  # noqa: E731, B023
+                          else optimizer.state[qkv.weight]["exp_avg"][rows]).clone()  # noqa: B023 (called in this iteration)
         moment_before = moment() if optimizer.state else torch.zeros_like(before[0])
         model(*inputs).pow(2).mean().backward()
         optimizer.step()
@@ -520,7 +520,7 @@ def test_resume_replays_identical_width_decisions():
                 ctl = transform(model, RaPTr("1-2", total_steps=8, width="0.5-0.75", fixed_units=[0]),
                                 example_inputs=tokens())
                 ctl.load_state_dict(state)
-            seen.append((ctl.active, list(map(tuple, (k or () for k in ctl._cuts.kept)))))
+            seen.append((ctl.active, list(map(tuple, (k or () for k in ctl.kept_indices.values())))))
             ctl.step()
         return seen
 
@@ -589,9 +589,9 @@ def _ddp_worker(rank: int, out_dir: str) -> dict:
     generator = torch.Generator().manual_seed(100 + rank)
     decisions, frozen = [], []
     for _ in range(4):
-        decisions.append([ctl.active, [k for k in ctl._cuts.kept]])
+        decisions.append([ctl.active, list(ctl.kept_indices.values())])
         fc = [(g.unit, model.get_submodule(g.unit).mlp.c_fc.weight, k)  # heads are cut too: skip them here
-              for g, k in zip(ctl.width_groups, ctl._cuts.kept) if k and g.kind == "mlp"]
+              for g, k in zip(ctl.width_groups, ctl.kept_indices.values()) if k and g.kind == "mlp"]
         before = [(w.detach().clone(), sorted(set(range(64)) - set(k))) for _, w, k in fc]
         idx = torch.randint(0, 64, (2, 8), generator=generator)
         torch.nn.functional.cross_entropy(ddp(idx).flatten(0, 1), idx.flatten()).backward()
@@ -621,9 +621,8 @@ def _width_train(model, ctl, inputs) -> tuple[list, list]:
     ctl.attach(optimizer)
     kept, frozen = [], []
     mlp = model.transformer.h[0].mlp
-    first_mlp = [g.name for g in ctl.width_groups].index("transformer.h.0.mlp:mlp")  # heads are cut too
     for step in range(6):
-        parts = ctl._cuts.kept[first_mlp]
+        parts = ctl.kept_indices["transformer.h.0.mlp:mlp"]  # heads are cut too
         kept.append(parts)
         dropped = [] if parts is None else sorted(set(range(64)) - set(parts))
         before = (full(mlp.c_fc.weight)[dropped].clone(), full(mlp.c_proj.weight)[:, dropped].clone())

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..controller import Controller, transform, unwrap_optimizer
+from ._compat import original_forward
 from ..errors import TracingError
 from ..schedules import RaPTr, Schedule
 
@@ -159,10 +160,12 @@ class Adoption:
         # the casts autocast would put between the residual stream and its branches.
         # Accelerate's mixed precision replaces the root's forward by an autocast wrapper (keeping the
         # original in ``_original_forward``): trace the original, then put the wrapper back.
-        wrapper = model.__dict__.get("forward") if "_original_forward" in model.__dict__ else None
+        original = original_forward(model)
+        wrapper = model.__dict__.get("forward") if original is not None else None
         try:
             if wrapper is not None:
-                model.forward = model._original_forward
+                model.forward = original
+            assert self.schedule is not None  # check_arguments: a schedule or a controller
             with _autocast_off():
                 self.controller = transform(model, self.schedule, total_steps=steps,
                                             example_inputs=example_inputs, **self.options)
@@ -173,15 +176,17 @@ class Adoption:
         self._settle()
 
     def _settle(self) -> None:
+        controller = self.controller
+        assert controller is not None  # settled once made or given
         if self._pending_state is not None:
-            self.controller.load_state_dict(self._pending_state)
+            controller.load_state_dict(self._pending_state)
             self._pending_state = None
         if self._optimizer is not None:
             optimizer, freeze = self._optimizer
             self._optimizer = None
             self.attach(optimizer, freeze)
         if self.on_made is not None:
-            self.on_made(self.controller)
+            self.on_made(controller)
 
     # -- checkpoints -----------------------------------------------------------------------
     def state(self) -> dict[str, Any] | None:

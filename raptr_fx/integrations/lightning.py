@@ -10,6 +10,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
+from .._compat import ORIGINAL_MODULE
 from ..controller import Controller, unwrap_optimizer
 from ..schedules import Schedule
 from ._common import Adoption, check_arguments, metrics
@@ -103,7 +104,7 @@ class RaPTrLightningCallback(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
             target = self._target(pl_module)
-            self._adoption.adopt(target, self._total_steps(trainer), compiled=hasattr(target, "_orig_mod"))
+            self._adoption.adopt(target, self._total_steps(trainer), compiled=hasattr(target, ORIGINAL_MODULE))
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         optimizers = trainer.optimizers

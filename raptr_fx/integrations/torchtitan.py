@@ -98,7 +98,7 @@ class RaPTrConverter(ModelConfigConverter):
     def convert(self, model_config: Module.Config) -> Module.Config:
         if isinstance(model_config, _WithRaPTr):
             raise RaptrError("RaPTrConverter is listed twice in the converters: list it once")
-        config_cls = _raptr_config_class(type(model_config))
+        config_cls = _raptr_config_class(type(model_config))  # type: ignore[arg-type]  # a class is hashable
         return config_cls(**_init_fields(model_config), raptr=self.config)
 
 
@@ -109,12 +109,12 @@ class _WithRaPTr:
 
 
 @functools.cache
-def _raptr_config_class(config_cls: type) -> type:
+def _raptr_config_class(config_cls: Any) -> Any:
     """``config_cls`` with a ``raptr`` field: its ``build()`` transforms the model it builds, and its
     ``update_from_config()`` reads the Trainer's config (see the module docstring)."""
 
     @dataclass(kw_only=True, slots=True)
-    class RaPTrConfig(config_cls, _WithRaPTr):  # type: ignore[valid-type, misc]
+    class RaPTrConfig(config_cls, _WithRaPTr):
         raptr: RaPTrConverter.Config
 
         # slots=True replaces the class, so super() does not work here: call the base explicitly.
@@ -183,7 +183,7 @@ def _adopt_trainer_config(model_config: Any, config: Any) -> None:
         spec.post_optimizer_build_fn = _attach_after(spec.post_optimizer_build_fn,
                                                      freeze_dropped=model_config.raptr.freeze_dropped)
     if not isinstance(config.checkpoint, _SavesController):
-        checkpoint_cls = _saving_checkpoint_class(type(config.checkpoint))
+        checkpoint_cls = _saving_checkpoint_class(type(config.checkpoint))  # type: ignore[arg-type]
         config.checkpoint = checkpoint_cls(**_init_fields(config.checkpoint))
 
 
@@ -224,10 +224,10 @@ class _SavesController:
 
 
 @functools.cache
-def _saving_checkpoint_class(checkpoint_cls: type) -> type:
+def _saving_checkpoint_class(checkpoint_cls: Any) -> Any:
     """``checkpoint_cls`` whose ``build()`` adds the controller to the states the manager saves and loads."""
 
-    class SavesController(checkpoint_cls, _SavesController):  # type: ignore[valid-type, misc]
+    class SavesController(checkpoint_cls, _SavesController):
         __slots__ = ()
 
         def build(self, **kwargs: Any) -> Any:

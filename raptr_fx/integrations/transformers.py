@@ -108,17 +108,18 @@ class RaPTrCallback(TrainerCallback):
     def _restore(self, args: TrainingArguments, state: TrainerState) -> None:
         # The Trainer does not tell callbacks which checkpoint it resumes from, but it loaded this
         # state from that checkpoint's trainer_state.json: the entry saved there comes first.
-        stored = state.stateful_callbacks.get(TRAINER_STATE_KEY)
+        stored = _callback_states(state).get(TRAINER_STATE_KEY)
         if isinstance(stored, dict) and stored.get("global_step") == state.global_step:
             self._adoption.load(stored["controller"])
             log.info("raptr_fx: restored the controller from the checkpoint's trainer state (step %d)",
                      stored["controller"]["step"])
             return
         # Checkpoints written before the trainer-state entry existed have only the state file.
-        candidates = []
-        if isinstance(getattr(args, "resume_from_checkpoint", None), str):
-            candidates.append(args.resume_from_checkpoint)
-        candidates.append(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+        candidates: list[str] = []
+        resumed = getattr(args, "resume_from_checkpoint", None)
+        if isinstance(resumed, str):
+            candidates.append(resumed)
+        candidates.append(os.path.join(str(args.output_dir), f"checkpoint-{state.global_step}"))
         for directory in candidates:
             path = os.path.join(directory, STATE_FILE)
             if os.path.isfile(path):
@@ -148,7 +149,7 @@ class RaPTrCallback(TrainerCallback):
         # The Trainer writes its state into each checkpoint after this event.
         saved = self._adoption.state()
         if saved is not None:
-            state.stateful_callbacks[TRAINER_STATE_KEY] = {"global_step": state.global_step, "controller": saved}
+            _callback_states(state)[TRAINER_STATE_KEY] = {"global_step": state.global_step, "controller": saved}
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:
@@ -160,7 +161,7 @@ class RaPTrCallback(TrainerCallback):
         saved = self._adoption.state()
         if saved is None or not state.is_world_process_zero:
             return
-        directory = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        directory = os.path.join(str(args.output_dir), f"checkpoint-{state.global_step}")
         if not os.path.isdir(directory):
             log.warning("raptr_fx: checkpoint directory %s not found; controller state not saved", directory)
             return
@@ -176,6 +177,12 @@ class RaPTrCallback(TrainerCallback):
         logs.update(values)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(values)
+
+
+def _callback_states(state: TrainerState) -> dict[str, Any]:
+    """The callbacks' entries the Trainer writes into each checkpoint's ``trainer_state.json``: a dict
+    at run time (transformers 5 annotates it as a list of callbacks)."""
+    return state.stateful_callbacks  # type: ignore[return-value]
 
 
 def _trainer_finds_unused_parameters(args: TrainingArguments, model: nn.Module) -> bool:
