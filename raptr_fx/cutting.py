@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import types
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence, TypeGuard
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,9 @@ from .errors import RaptrError
 from .head_rewrite import rewritten_forward
 from .mha_heads import multihead_attention
 from .units import Projection, WidthGroup, projection_of
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 __all__ = ["Cut", "CutState", "install_cuts", "remove_cuts", "is_cut", "FrozenParts", "kept_indices", "trial_cuts",
            "tensor_parallel_width_error", "is_dtensor", "local_part"]
@@ -84,14 +87,33 @@ class Cut:
 
     def index_on(self, device: torch.device) -> torch.Tensor:
         """The kept rows or columns on ``device``: moved since the draw (meta-device init, .to()), follow it."""
+        assert self.index is not None  # called only while the cut is active
         if self.index.device != device:
+            assert self.kept is not None  # set with the index
             self.index = self.rows(self.kept, device)
         return self.index
 
 
-def _cut_forward(module: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+class _CutProjection(Protocol):
+    """What :func:`_cut_forward` reads on the projection it is bound to (an nn.Linear or Conv1D),
+    which torch would type as ``Tensor | Module`` on a plain nn.Module."""
+
+    training: bool
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    _raptr_cut: Cut
+
+
+class _HeadsModule(Protocol):
+    """What :func:`_heads_forward` reads on the attention module it is bound to."""
+
+    training: bool
+    _raptr_heads: RewrittenHeads
+
+
+def _cut_forward(module: _CutProjection, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """Stands in for a projection's ``forward`` (bound to it); see the module docstring."""
-    cut: Cut = module._raptr_cut
+    cut = module._raptr_cut
     if cut.index is None or not (module.training or cut.always):
         return cut.original(x, *args, **kwargs)
     weight = module.weight
@@ -101,7 +123,7 @@ def _cut_forward(module: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) 
                       transposed=cut.transposed, scale=cut.scale)
 
 
-def tensor_parallel_width_error(name: str, weight: torch.Tensor) -> str:
+def tensor_parallel_width_error(name: str, weight: DTensor) -> str:
     placements = ", ".join(repr(p) for p in weight.placements)
     return (f"width cuts do not support tensor parallel: {name} is a DTensor sharded as ({placements}) on "
             f"{weight.device_mesh}, so each rank holds a shard of the rows or columns a cut selects. Cut "
@@ -202,9 +224,9 @@ def multihead_forward(module: nn.MultiheadAttention, rows: Cut, columns: Cut) ->
     return forward
 
 
-def _heads_forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+def _heads_forward(module: _HeadsModule, *args: Any, **kwargs: Any) -> Any:
     """Stands in for a rewritten attention module's ``forward`` (bound to it)."""
-    heads: RewrittenHeads = module._raptr_heads
+    heads = module._raptr_heads
     cut = heads.cut
     if cut.index is None or not (module.training or cut.always):
         return heads.original(*args, **kwargs)
@@ -254,8 +276,7 @@ def install_cuts(model: nn.Module, groups: Sequence[WidthGroup], state: CutState
                 attention = modules[group.rewrite.module]
                 leaves = [modules[m] for m in group.modules]
                 heads = RewrittenHeads(attention, rewritten_forward(attention, group.rewrite, leaves), state.cuts[g][0])
-                attention._raptr_heads = heads
-                attention.forward = types.MethodType(_heads_forward, attention)
+                _bind_heads(attention, heads)
                 installed.append(heads)
     except BaseException:
         remove_cuts(model)
@@ -275,12 +296,20 @@ def _install_multihead(module: nn.MultiheadAttention, group: WidthGroup, cuts: l
     head_dim = group.part_widths[-1]
     rows = Cut(module, Projection(name, module.embed_dim, 3 * module.embed_dim, False), True, group.part_widths[0],
                scaled, always, (head_dim,) * 3, group.parts, weight="in_proj_weight", bias="in_proj_bias")
-    columns = Cut(module.out_proj, projection_of(group.consumer, module.out_proj), False, head_dim, scaled, always)
+    out_projection = projection_of(group.consumer, module.out_proj)
+    assert out_projection is not None  # out_proj is an nn.Linear
+    columns = Cut(module.out_proj, out_projection, False, head_dim, scaled, always)
     cuts.extend((rows, columns))
     heads = RewrittenHeads(module, multihead_forward(module, rows, columns), rows)
-    module._raptr_heads = heads
-    module.forward = types.MethodType(_heads_forward, module)
+    _bind_heads(module, heads)
     return heads
+
+
+def _bind_heads(module: nn.Module, heads: RewrittenHeads) -> None:
+    """Run ``heads`` in place of ``module``'s forward (:func:`_heads_forward`)."""
+    # torch's stub of Module.__setattr__ takes tensors and modules only; a plain attribute is fine
+    module._raptr_heads = heads  # type: ignore[assignment]
+    module.forward = types.MethodType(_heads_forward, module)
 
 
 def remove_cuts(model: nn.Module) -> int:
@@ -397,13 +426,18 @@ def _local_index(tensor: torch.Tensor, dim: int, index: torch.Tensor) -> torch.T
     return inside - start
 
 
-try:  # imported once: _cut_forward asks at every call, also while dynamo traces it
-    from torch.distributed.tensor import DTensor as _DTensor
-except ImportError:  # a torch built without distributed support
-    _DTensor = None
+def _dtensor_class() -> type | None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed support
+        return None
+    return DTensor
 
 
-def is_dtensor(tensor: torch.Tensor) -> bool:
+_DTensor = _dtensor_class()  # imported once: _cut_forward asks at every call, also while dynamo traces it
+
+
+def is_dtensor(tensor: torch.Tensor) -> TypeGuard[DTensor]:
     return _DTensor is not None and isinstance(tensor, _DTensor)
 
 

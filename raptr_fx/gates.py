@@ -108,8 +108,7 @@ class _ZeroGradients(torch.autograd.Function):
 
 def _zeros_spec(param: torch.Tensor) -> tuple:
     if is_dtensor(param):  # tensor parallel: FSDP2 alone swaps in plain unsharded tensors for the forward
-        return (param.shape, param.dtype, param.device, param.device_mesh,  # type: ignore[attr-defined]  # a DTensor
-                tuple(param.placements))  # type: ignore[attr-defined]
+        return (param.shape, param.dtype, param.device, param.device_mesh, tuple(param.placements))
     return (param.shape, param.dtype, param.device, None, None)
 
 

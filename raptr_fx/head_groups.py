@@ -59,35 +59,39 @@ class HeadGroupFinder:
     def attention_core(self, node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, fx.Node, str] | None:
         """(query, key, value, output, op) of an attention op, or None."""
         name = op_name(node)
-        if name in _ATTENTION_OPS and len(node.args) >= 3 and all(isinstance(a, fx.Node) for a in node.args[:3]):
-            out = node
-            if not isinstance(node.meta.get("val"), torch.Tensor) and node.meta.get("val") is not None:
-                out = next((u for u in node.users if u.target is operator.getitem and u.args[1] == 0), node)
-            return node.args[0], node.args[1], node.args[2], out, name
+        if name in _ATTENTION_OPS and len(node.args) >= 3:
+            query, key, value = node.args[:3]
+            if isinstance(query, fx.Node) and isinstance(key, fx.Node) and isinstance(value, fx.Node):
+                out = node
+                if not isinstance(node.meta.get("val"), torch.Tensor) and node.meta.get("val") is not None:
+                    out = next((u for u in node.users if u.target is operator.getitem and u.args[1] == 0), node)
+                return query, key, value, out, name
         if name not in _SOFTMAX or not node.args or not isinstance(node.args[0], fx.Node):
             return None
         scores = self.walk_to(node.args[0], _MATMULS, backwards=True)
         weighted = self.walk_to(node, _MATMULS, backwards=False)
         if scores is None or weighted is None or len(scores.args) < 2 or len(weighted.args) < 2:
             return None
-        if not all(isinstance(a, fx.Node) for a in (*scores.args[:2], weighted.args[1])):
+        query, key, value = scores.args[0], scores.args[1], weighted.args[1]
+        if not (isinstance(query, fx.Node) and isinstance(key, fx.Node) and isinstance(value, fx.Node)):
             return None
-        return scores.args[0], scores.args[1], weighted.args[1], weighted, name
+        return query, key, value, weighted, name
 
     def walk_to(self, node: fx.Node, ops: set[str], *, backwards: bool, limit: int = 8) -> fx.Node | None:
         """The nearest op in ``ops`` along a chain of single-tensor steps (mask adds, scaling, dropout)."""
+        current: fx.Node | None = node
         for _ in range(limit):
-            if node is None:
+            if current is None:
                 return None
-            if op_name(node) in ops:
-                return node
+            if op_name(current) in ops:
+                return current
             if backwards:
-                values = [a for a in node.all_input_nodes
-                          if self.facts.traced.is_value(a) and _shape(a) == _shape(node)]
-                node = values[0] if values else None
+                values = [a for a in current.all_input_nodes
+                          if self.facts.traced.is_value(a) and _shape(a) == _shape(current)]
+                current = values[0] if values else None
             else:
-                users = [u for u in node.users if not is_shape_query(u)]
-                node = users[0] if len(users) == 1 else None
+                users = [u for u in current.users if not is_shape_query(u)]
+                current = users[0] if len(users) == 1 else None
         return None
 
     def nearest_projections(self, node: fx.Node, region: set[fx.Node], *, backwards: bool) -> set[str]:
@@ -137,9 +141,9 @@ class HeadGroupFinder:
         if not any(sources):  # projected by something else (1x1 convolutions): no group to cut, but say so
             modules = sorted({m for n in (query, key, value) for m in self.nearest_modules(n, region)},
                              key=self.facts.first_node)
-            named = ", ".join(f"{m} ({type(self.facts.modules[m]).__name__})" for m in modules) or "no module"
+            listed = ", ".join(f"{m} ({type(self.facts.modules[m]).__name__})" for m in modules) or "no module"
             return WidthGroup(unit, "heads", 0, (unit,), droppable=False,
-                              reason=f"the {op} attention's query, key and value come from {named}, no nn.Linear or "
+                              reason=f"the {op} attention's query, key and value come from {listed}, no nn.Linear or "
                               "Conv1D projection: its heads are not cut")
         group = WidthGroup(unit, "heads", 0, tuple(named), params=self.facts.params(named))
 
@@ -224,6 +228,7 @@ def with_rewrite_planned(model: nn.Module, group: WidthGroup, measured: Probe) -
     """A fused head group with its rewrite planned on the attention module's traced graph, or
     refused with the op the rewrite cannot follow."""
     request = group.rewrite
+    assert request is not None  # planned only for groups that ask for a rewrite
     modules = dict(model.named_modules())
     call = measured.calls.get(request.module)
     fused = f"query, key and value are split from one fused projection ({group.producers[0]})"

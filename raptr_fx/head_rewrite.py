@@ -39,7 +39,7 @@ import os
 import traceback
 import types
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, NoReturn, Sequence, cast
 
 import torch
 from torch import fx, nn
@@ -153,7 +153,8 @@ class _LeafTracer(fx.Tracer):
         value = self.evaluate(obj)
         if not isinstance(value, (tuple, list)):
             return super().iter(obj)
-        return iter([obj[i] for i in range(len(value))])
+        # torch.fx sets Proxy's magic methods (__getitem__) at import time: its stubs do not declare them
+        return iter([obj[i] for i in range(len(value))])  # type: ignore[index]
 
     def evaluate(self, obj: fx.Proxy) -> Any:
         """The value of a node traced so far, on fake tensors shaped like the example's."""
@@ -176,13 +177,13 @@ class _ConcreteProxy(fx.Proxy):
         attribute = super().__getattr__(name)
         if name != "dtype":
             return attribute
-        value = self.tracer.evaluate(attribute)
+        value = cast(_LeafTracer, self.tracer).evaluate(attribute)  # made by _LeafTracer.proxy only
         same = self.tracer.create_proxy("call_function", operator.eq, (attribute, value), {})
         self.tracer.create_proxy("call_function", torch._assert, (same, f"{self.node.name} was traced as {value}"), {})
         return value
 
     def __len__(self) -> int:
-        value = self.tracer.evaluate(self)
+        value = cast(_LeafTracer, self.tracer).evaluate(self)
         if not isinstance(value, (tuple, list)):
             raise TypeError(f"len() of {self.node.name}, which is no tuple in the example")
         return len(value)
@@ -314,6 +315,26 @@ def _shape(node: Any) -> tuple[int, ...] | None:
     return tuple(val.shape) if isinstance(val, torch.Tensor) else None
 
 
+def _tensor_shape(node: Any) -> tuple[int, ...]:
+    """The shape of a tensor the walk follows: :func:`_propagate` gave each its fake value."""
+    shape = _shape(node)
+    assert shape is not None
+    return shape
+
+
+def _source(node: fx.Node) -> fx.Node:
+    """The tensor an op on the heads reads first: a node (the caller looks it up in ``_Walk.axes``)."""
+    return cast(fx.Node, node.args[0])
+
+
+def _listed(node: fx.Node) -> tuple[list[Any], bool]:
+    """The arguments after the tensor, given one by one or as one list (``x.view(b, t, c)``,
+    ``x.view((b, t, c))``), and whether as one list."""
+    if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)):
+        return list(node.args[1]), True
+    return list(node.args[1:]), False
+
+
 def _dim(d: Any, ndim: int) -> int:
     return d + ndim if isinstance(d, int) and d < 0 else d
 
@@ -387,8 +408,12 @@ class _Walk:
             raise Refusal(f"the heads of {self.producer} never reach {self.consumer}")
         return self.resized
 
-    def refuse(self, node: fx.Node, why: str) -> None:
+    def refuse(self, node: fx.Node, why: str) -> NoReturn:
         raise Refusal(f"{_describe(node)} {why}")
+
+    def axis_of(self, arg: Any) -> Any:
+        """What ``axes`` holds for an op's argument (None for one that is no node: a constant)."""
+        return self.axes.get(arg) if isinstance(arg, fx.Node) else None
 
     # -- dispatch -------------------------------------------------------------------------------------
     def visit(self, node: fx.Node) -> None:
@@ -439,14 +464,14 @@ class _Walk:
         self.refuse(node, "reads the heads, and the rewrite cannot follow it")
 
     def module_call(self, node: fx.Node) -> None:
-        axis = self.axes.get(node.args[0]) if node.args else None
+        source = node.args[0] if node.args else None
+        axis = self.axis_of(source)
         if axis is None:
             self.refuse(node, "reads a size computed from the heads")
         module = self.modules[str(node.target)]
-        shape = _shape(node.args[0])
         if node.target == self.consumer:
-            factors = axis.factors
-            if axis.dim != len(shape) - 1 or not factors[0][1] or math.prod(f for f, _ in factors[1:]) != self.consumer_width:
+            factors, last = axis.factors, len(_tensor_shape(source)) - 1
+            if axis.dim != last or not factors[0][1] or math.prod(f for f, _ in factors[1:]) != self.consumer_width:
                 self.refuse(node, f"reads the heads in an order its columns do not have ({factors})")
             self.reached = True
             return None
@@ -455,16 +480,17 @@ class _Walk:
             return None
         if isinstance(module, _NORMS):
             normalized = getattr(module, "normalized_shape", None) or (1,)
-            if axis.dim < len(shape) - len(normalized):
+            if axis.dim < len(_tensor_shape(source)) - len(normalized):
                 self.axes[node] = axis
                 return None
         self.refuse(node, f"({type(module).__name__}) reads the heads, and the rewrite cannot follow it")
 
     def size_query(self, node: fx.Node) -> None:
-        axis = self.axes.get(node.args[0])
+        source = _source(node)
+        axis = self.axes.get(source)
         if axis is None:
             self.refuse(node, "reads the shape of a size")
-        ndim = len(_shape(node.args[0]))
+        ndim = len(_tensor_shape(source))
         dim = _arg(node, 1, "dim") if node.op == "call_method" else None
         if dim is None:
             self.sizes[node] = axis.dim
@@ -473,8 +499,10 @@ class _Walk:
 
     def getitem(self, node: fx.Node) -> None:
         source, index = node.args
+        if not isinstance(source, fx.Node):  # a constant indexed by a size from the heads: no axis, as below
+            return self.check_sizes(node, set())
         if source in self.sizes:  # b, t, c = x.size()
-            if isinstance(index, int) and _dim(index, len(_shape(source.args[0]))) == self.sizes[source]:
+            if isinstance(index, int) and _dim(index, len(_tensor_shape(source.args[0]))) == self.sizes[source]:
                 self.following.add(node)
             return None
         if isinstance(self.axes.get(source), tuple):  # q, k, v = qkv.split(...)
@@ -492,7 +520,7 @@ class _Walk:
         items = list(index) if isinstance(index, tuple) else [index]
         if Ellipsis in items:
             at = items.index(Ellipsis)
-            items[at:at + 1] = [slice(None)] * (len(_shape(source)) - sum(i is not None for i in items) + 1)
+            items[at:at + 1] = [slice(None)] * (len(_tensor_shape(source)) - sum(i is not None for i in items) + 1)
         dim, out = 0, 0  # the input and output dimension the next item indexes
         for item in items:
             if isinstance(item, fx.Node) or not isinstance(item, (int, slice, type(None))):
@@ -510,12 +538,12 @@ class _Walk:
 
     # -- ops on the heads ---------------------------------------------------------------------------
     def reshape(self, node: fx.Node) -> None:
-        axis, source = self.axes[node.args[0]], node.args[0]
-        listed = len(node.args) == 2 and isinstance(node.args[1], (list, tuple))
-        sizes = list(node.args[1]) if listed else list(node.args[1:])
+        source = _source(node)
+        axis = self.axes[source]
+        sizes, listed = _listed(node)
         if not sizes:
             self.refuse(node, "is given its sizes by keyword")
-        out = _regroup(_shape(source), axis, _shape(node))
+        out = _regroup(_tensor_shape(source), axis, _tensor_shape(node))
         if out is None:
             self.refuse(node, "mixes the heads with another dimension")
         self.axes[node] = out
@@ -535,25 +563,25 @@ class _Walk:
         self.resized.append((node.name, *position))
 
     def transpose(self, node: fx.Node) -> None:
-        axis = self.axes[node.args[0]]
-        ndim = len(_shape(node))
+        axis = self.axes[_source(node)]
+        ndim = len(_tensor_shape(node))
         a, b = (_dim(d, ndim) for d in (_arg(node, 1, "dim0"), _arg(node, 2, "dim1")))
         self.axes[node] = _Axis(b if axis.dim == a else a if axis.dim == b else axis.dim, axis.factors)
 
     def permute(self, node: fx.Node) -> None:
-        axis = self.axes[node.args[0]]
-        order = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+        axis = self.axes[_source(node)]
+        order, _ = _listed(node)
         order = [_dim(d, len(order)) for d in order]
         self.axes[node] = _Axis(order.index(axis.dim), axis.factors)
 
     def split(self, node: fx.Node, name: str) -> None:
-        source, axis = node.args[0], self.axes[node.args[0]]
-        shape = _shape(source)
-        dim = _dim(_arg(node, 2, "dim", 0), len(shape))
+        source = _source(node)
+        axis = self.axes[source]
+        dim = _dim(_arg(node, 2, "dim", 0), len(_tensor_shape(source)))
         pieces = node.meta.get("val")
-        count = len(pieces) if isinstance(pieces, (tuple, list)) else None
-        if count is None:
+        if not isinstance(pieces, (tuple, list)):
             self.refuse(node, "has no shapes")
+        count = len(pieces)
         if dim != axis.dim:
             if isinstance(axis, _Segments):
                 self.refuse(node, "splits the fused projection's output along another dimension than its rows")
@@ -585,13 +613,16 @@ class _Walk:
         """einops' ``rearrange(x, 'b n (three h d) -> three b h n d', three=3, h=heads)``: a reshape
         to the pattern's axes, a permute and a reshape to its output groups; the size given for
         the axis that holds the heads follows the kept count."""
-        source, pattern = node.args[0], _arg(node, 1, "pattern")
-        axis, in_shape = self.axes[source], _shape(source)
+        source, pattern = _source(node), _arg(node, 1, "pattern")
+        axis = self.axes[source]
         if len(node.args) != 2 or not isinstance(pattern, str) or "->" not in pattern or "..." in pattern:
             self.refuse(node, "has a pattern the rewrite cannot read")
         left, right = (_einops_groups(side) for side in pattern.split("->"))
-        sizes = {k: v for k, v in node.kwargs.items() if k != "pattern"}
-        if left is None or right is None or len(left) != len(in_shape) or any(isinstance(v, fx.Node) for v in sizes.values()):
+        sizes: dict[str, Any] = {k: v for k, v in node.kwargs.items() if k != "pattern"}
+        if left is None or right is None:
+            self.refuse(node, "has a pattern the rewrite cannot read")
+        in_shape = _tensor_shape(source)
+        if len(left) != len(in_shape) or any(isinstance(v, fx.Node) for v in sizes.values()):
             self.refuse(node, "has a pattern the rewrite cannot read")
         lengths: dict[str, int] = {}
         for group, extent in zip(left, in_shape):
@@ -606,7 +637,7 @@ class _Walk:
             self.refuse(node, "mixes the heads with another dimension")
         heads = names[split.dim]
         order = [a for group in right for a in group]
-        out = _regroup([lengths[a] for a in order], _Axis(order.index(heads), split.factors), _shape(node))
+        out = _regroup([lengths[a] for a in order], _Axis(order.index(heads), split.factors), _tensor_shape(node))
         if out is None:
             self.refuse(node, "mixes the heads with another dimension")
         self.axes[node] = out
@@ -615,21 +646,21 @@ class _Walk:
 
     def repeat_interleave(self, node: fx.Node) -> None:
         """``k.repeat_interleave(n, dim=1)``: each key/value head repeated for its query heads."""
-        axis = self.axes[node.args[0]]
+        axis = self.axes[_source(node)]
         repeats, dim = _arg(node, 1, "repeats"), _arg(node, 2, "dim")
         if not isinstance(repeats, int) or dim is None:
             self.refuse(node, "repeats the heads by a count the rewrite cannot follow")
-        if _dim(dim, len(_shape(node))) == axis.dim:
+        if _dim(dim, len(_tensor_shape(node))) == axis.dim:
             self.axes[node] = _Axis(axis.dim, axis.factors + ((repeats, False),))
         else:
             self.axes[node] = axis
 
     def expand(self, node: fx.Node) -> None:
         """``k[:, :, None].expand(b, kv_heads, n_rep, t, d)``: the heads' size follows the kept count."""
-        axis, source = self.axes[node.args[0]], node.args[0]
-        listed = len(node.args) == 2 and isinstance(node.args[1], (list, tuple))
-        sizes = list(node.args[1]) if listed else list(node.args[1:])
-        dim = axis.dim + len(sizes) - len(_shape(source))
+        source = _source(node)
+        axis = self.axes[source]
+        sizes, listed = _listed(node)
+        dim = axis.dim + len(sizes) - len(_tensor_shape(source))
         self.axes[node] = _Axis(dim, axis.factors)
         for j, size in enumerate(sizes):
             if j == dim:
@@ -638,8 +669,9 @@ class _Walk:
                 self.refuse(node, "sizes a dimension without the heads from the heads' extent")
 
     def unbind(self, node: fx.Node) -> None:
-        axis = self.axes[node.args[0]]
-        dim = _dim(_arg(node, 1, "dim", 0), len(_shape(node.args[0])))
+        source = _source(node)
+        axis = self.axes[source]
+        dim = _dim(_arg(node, 1, "dim", 0), len(_tensor_shape(source)))
         if dim == axis.dim:
             self.refuse(node, "unbinds the heads' axis")
         count = len(node.meta["val"])
@@ -647,9 +679,10 @@ class _Walk:
 
     def attention(self, node: fx.Node) -> None:
         q, k, v = node.args[:3]
-        axes = [self.axes.get(a) for a in (q, k, v)]
-        ndim = len(_shape(q))
-        if any(a is None for a in axes) or len({a.dim for a in axes}) != 1 or axes[0].dim >= ndim - 2:
+        found = [self.axis_of(a) for a in (q, k, v)]
+        ndim = len(_tensor_shape(q))
+        axes = [a for a in found if a is not None]
+        if len(axes) != 3 or len({a.dim for a in axes}) != 1 or axes[0].dim >= ndim - 2:
             self.refuse(node, "gets query, key and value without the heads on one batch dimension")
         query, key, value = (a.factors for a in axes)
         # enable_gqa pairs query head i with key/value head i // (query heads per key/value head):
@@ -662,8 +695,8 @@ class _Walk:
         self.axes[node] = axes[0]
 
     def matmul(self, node: fx.Node) -> None:
-        left, right = (self.axes.get(a) for a in node.args[:2])
-        ndim = len(_shape(node))
+        left, right = (self.axis_of(a) for a in node.args[:2])
+        ndim = len(_tensor_shape(node))
         if left is None or right is None or left.dim != right.dim or left.dim >= ndim - 2:
             self.refuse(node, "multiplies along the heads")
         if left.factors != right.factors:
@@ -677,7 +710,7 @@ class _Walk:
             self.refuse(node, "has no shape")
         ndim = len(shape)
         tracked = [(a, self.axes[a]) for a in node.all_input_nodes if isinstance(self.axes.get(a), _Axis)]
-        dims = {a.dim + ndim - len(_shape(t)) for t, a in tracked}
+        dims = {a.dim + ndim - len(_tensor_shape(t)) for t, a in tracked}
         if len(dims) != 1 or len({a.factors for _, a in tracked}) != 1:
             self.refuse(node, "combines tensors whose heads do not line up")
         dim = dims.pop()
@@ -690,7 +723,7 @@ class _Walk:
 
     def check_broadcast(self, node: fx.Node, dim: int, others: Iterable[Any]) -> None:
         """A tensor combined with the heads must broadcast over them (a [b, 1, t, t] mask)."""
-        ndim = len(_shape(node))
+        ndim = len(_tensor_shape(node))
         for other in others:
             shape = _shape(other)
             if shape is None:
@@ -756,7 +789,7 @@ def plan_head_rewrite(module: nn.Module, name: str, producer: str, consumer: str
         Refusal: with the op that fixes the heads in a way the rewrite cannot follow.
     """
     layouts = _layouts(parts, segments) if not others else [(((parts, True), (sum(segments), False)), ())]
-    starts = {other: ((parts, True), (width, False)) for other, width in others}
+    starts: dict[str, tuple[tuple[int, bool], ...]] = {other: ((parts, True), (width, False)) for other, width in others}
     traced = trace_attention(module, leaves, arg_shapes, like)
     _propagate(traced, arg_shapes, like)
     modules = dict(traced.named_modules())
@@ -780,6 +813,7 @@ def plan_head_rewrite(module: nn.Module, name: str, producer: str, consumer: str
                 pass
         return HeadRewrite(name, producer, consumer, parts, sum(segments), cut_segments, tuple(resized),
                            tuple(arg_shapes.items()), optional, without)
+    assert first is not None  # there is a layout, and each was refused
     raise first
 
 

@@ -100,8 +100,8 @@ class MlpGroupFinder:
         if node.op not in ("call_function", "call_method"):
             return False
         if node.target is operator.getitem:  # element 0 of native_dropout's (output, mask)
-            source = node.args[0]
-            return isinstance(source, fx.Node) and op_name(source) == "native_dropout" and node.args[1] == 0
+            source, index = node.args[0], node.args[1]
+            return isinstance(source, fx.Node) and op_name(source) == "native_dropout" and isinstance(index, int) and index == 0
         return op_name(node) in _ELEMENTWISE
 
     def mlp_problem(self, producers: set[str], consumer: Projection) -> str | None:

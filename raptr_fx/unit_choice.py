@@ -119,9 +119,10 @@ class UnitChoice:
         stack of layers, not a layer, whatever it runs after them (a final norm). Entries of different
         classes are the sublayers of one layer, as in :meth:`sublayers`."""
         parts = [self.branch_module(r) for r in residuals] + inner
-        entries = {self.list_entry(name, part.split("@")[0]) for part in parts if part is not None}
+        listed = (self.list_entry(name, part.split("@")[0]) for part in parts if part is not None)
+        entries = {entry for entry in listed if entry is not None}
         by_list: dict[str, list[type]] = {}
-        for entry in entries - {None}:
+        for entry in entries:
             by_list.setdefault(entry.rpartition(".")[0], []).append(type(self.modules[entry]))
         return any(len(set(classes)) < len(classes) for classes in by_list.values())
 
@@ -239,6 +240,7 @@ class UnitChoice:
         owned = facts.owned if not facts.owned.refused else Owned()
         params += sum(self.model.get_parameter(p).numel() for p in owned.params)
         if flops is not None:
+            assert self.measured is not None  # flops are only set from a measurement
             flops += sum(self.measured.flops.get(m, 0) for m in owned.before + owned.after) / self.measured.total_flops
         return Block(name, index, drop, type(module).__name__, params, flops, verdict.reason is None,
                      verdict.reason, verdict.stream_position, verdict.stream_name,
@@ -255,8 +257,9 @@ class UnitChoice:
             name = scope[-1]
             if name not in self.late_starts:  # one answer per module, however many branches it holds
                 self.late_starts[name] = self.late_start(name)
-            if self.late_starts[name]:
-                return self.late_starts[name]
+            late = self.late_starts[name]
+            if late:
+                return late
         return "no module around it is a layer (one taking the stream as an input and returning it once)"
 
     def layers_at_layer_granularity(self) -> list[str]:

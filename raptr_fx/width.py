@@ -93,6 +93,7 @@ def _width_groups_seen_through(model: nn.Module, discovery: Discovery) -> list[W
     traced, inputs = discovery.traced, discovery.inputs
     if inputs is not None and not _has_shapes(traced):
         _propagate_shapes(model, traced, inputs)  # once: the shapes stay in the discovery's graph
+    assert discovery.module_graph is not None  # width_groups checked it
     facts = WidthFacts(model, discovery.module_graph)
     finders = HeadGroupFinder(facts), MlpGroupFinder(facts)
     # Units may nest (a refused outer candidate and a branch inside it): a projection is cut by one group.
@@ -102,6 +103,7 @@ def _width_groups_seen_through(model: nn.Module, discovery: Discovery) -> list[W
         return [g if g.kind == "mlp" or not g.droppable else
                 replace(g, droppable=False, reason="pass example inputs to count its heads") for g in groups]
     measured = discovery.measured
+    assert measured is not None  # discover probes the model whenever it has example inputs
     groups = [with_rewrite_planned(model, g, measured) if g.rewrite is not None and g.droppable else g
               for g in groups]
     groups = _with_flops(groups, measured)
@@ -255,8 +257,8 @@ def prove(model: nn.Module, inputs: ExampleInputs, groups: list[WidthGroup], mea
             # sees the model as discovery's probe did, whose record it is compared with
             with as_discovered(model), trial_cuts(model, trial):
                 seen = probe(model, inputs)
-        except Exception as exc:  # noqa: BLE001 - any error is the model refusing the cut
-            exc = exc.__cause__ or exc  # the probe wraps the model's own error
+        except Exception as raised:  # noqa: BLE001 - any error is the model refusing the cut
+            exc = raised.__cause__ or raised  # the probe wraps the model's own error
             if isinstance(exc, RaptrError) or "heads' cut" in str(exc):  # a rewritten forward's own guard
                 return str(exc).strip()
             text = str(exc).strip().splitlines()

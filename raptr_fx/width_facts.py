@@ -102,7 +102,7 @@ class WidthFacts:
         if not any(m in self.adapted for m in group.modules):
             return group
         last = len(group.modules) - 1
-        targets = tuple(self.adapted[m][0 if i < last else 1] if m in self.adapted else (m,)
+        targets = tuple((self.adapted[m][0] if i < last else self.adapted[m][1]) if m in self.adapted else (m,)
                         for i, m in enumerate(group.modules))
         group = replace(group, targets=targets)
         problem = next((self.adapted[m][2] for m in group.modules if m in self.adapted and self.adapted[m][2]), None)
