@@ -23,6 +23,10 @@ log = logging.getLogger("raptr_fx")
 
 STATE_FILE = "raptr_fx_state.json"  # written into every checkpoint-<step> directory
 TRAINER_STATE_KEY = "raptr_fx"  # the same state in trainer_state.json's stateful_callbacks
+# Not transformers' ExportableState: the Trainer restores those only with
+# restore_callback_states_from_checkpoint=True (off by default), and by building a new callback from
+# JSON args (a Schedule object is not one) that replaces the user's instance, and its controller, in the
+# handler. Reading our own entry in on_train_begin needs neither.
 
 
 class RaPTrCallback(TrainerCallback):
