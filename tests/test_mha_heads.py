@@ -9,7 +9,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import raptr_fx
-from raptr_fx import WidthRaPTr, find_width_groups, transform
+from raptr_fx import RaPTr, WidthRaPTr, find_width_groups, transform
+from tests.distributed import run_ranks
 from tests.fixtures.models import MultiheadStack, TorchSeq2Seq, TorchTransformer, features
 
 MODELS = {  # name -> (model, its attention modules in the first unit)
@@ -49,6 +50,17 @@ def _calls(model, attention):
     model(*features())
     handle.remove()
     return seen[0]
+
+
+def head_rows(attention, heads):
+    """The rows of ``heads`` in ``in_proj_weight`` / ``in_proj_bias``: their q, then k, then v rows."""
+    e, d = attention.embed_dim, attention.head_dim
+    return [s * e + h * d + i for s in range(3) for h in heads for i in range(d)]
+
+
+def head_columns(attention, heads):
+    """The columns of ``heads`` in ``out_proj.weight``."""
+    return [h * attention.head_dim + i for h in heads for i in range(attention.head_dim)]
 
 
 def by_hand(attention, heads, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
@@ -219,13 +231,12 @@ def test_heads_not_kept_are_bitwise_unchanged_after_adamw(mha):
     name = attentions[-1]
     attention = model.get_submodule(name)
     g = [group.name for group in ctl.width_groups].index(f"{name}:heads")
-    e, d = attention.embed_dim, attention.head_dim
 
     def rows(heads):
-        return [s * e + h * d + i for s in range(3) for h in heads for i in range(d)]
+        return head_rows(attention, heads)
 
     def columns(heads):
-        return [h * d + i for h in heads for i in range(d)]
+        return head_columns(attention, heads)
 
     def frozen(dropped):
         values = [attention.in_proj_weight[rows(dropped)], attention.out_proj.weight[:, columns(dropped)]]
@@ -271,3 +282,107 @@ def test_compiled_cut_recompiles_only_when_the_kept_count_changes():
         ctl.step()
     assert len(draws) > 2  # several draws of 2 heads, then every head
     assert frames[0] == frames[2] and frames[3] == frames[5] and frames[3] - frames[2] <= 1, frames
+
+
+# -- distributed: 2 gloo processes on the CPU (tests/distributed.py), as tests/test_width.py's GPT ----------
+def _dropped_heads(attention, kept, full=lambda p: p.detach()):
+    """The values of the heads not in ``kept``: their rows of in_proj_weight and in_proj_bias, their
+    columns of out_proj.weight (``full`` gathers an FSDP2 parameter)."""
+    dropped = sorted(set(range(attention.num_heads)) - set(kept))
+    rows, columns = head_rows(attention, dropped), head_columns(attention, dropped)
+    return [full(attention.in_proj_weight)[rows].clone(), full(attention.in_proj_bias)[rows].clone(),
+            full(attention.out_proj.weight)[:, columns].clone()]
+
+
+def _ddp_worker(rank: int, out_dir: str) -> dict:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(0)
+    model = TorchTransformer(batch_first=True, depth=3)
+    ctl = transform(model, RaPTr("2-3", total_steps=4, width="0.5-0.75"), seed=2, example_inputs=features())
+    ddp = DDP(model)  # no find_unused_parameters: in_proj_weight is read through the replaced forward
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    ctl.attach(optimizer)
+    generator = torch.Generator().manual_seed(100 + rank)
+    decisions, frozen = [], []
+    for _ in range(4):
+        decisions.append([ctl.active, ctl.kept_indices])
+        cut = [(model.get_submodule(g.modules[0]), k)  # the attentions whose heads are cut this step
+               for g, k in zip(ctl.width_groups, ctl.kept_indices.values()) if k and g.kind == "heads"]
+        before = [_dropped_heads(attention, k) for attention, k in cut]
+        x = torch.randn(2, 5, 16, generator=generator)
+        ddp(x).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        frozen.append(all(torch.equal(b, a) for (attention, k), values in zip(cut, before)
+                          for b, a in zip(values, _dropped_heads(attention, k))))
+    return {"decisions": decisions, "frozen": frozen,
+            "checksum": [float(p.detach().double().sum()) for p in model.parameters()]}
+
+
+@pytest.mark.slow
+def test_ddp_ranks_agree_on_multihead_attention_head_cuts(tmp_path):
+    ranks = run_ranks(_ddp_worker, tmp_path)
+    assert ranks[0]["decisions"] == ranks[1]["decisions"]
+    heads = [kept for _, step in ranks[0]["decisions"] for name, kept in step.items()
+             if name.endswith(":heads") and kept is not None]
+    assert sorted({len(k) for k in heads}) == [2, 3], "heads cut to 0.5, then 0.75"
+    assert all(ranks[0]["frozen"]) and all(ranks[1]["frozen"]), "heads not kept moved under DDP"
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]
+
+
+def _mha_train(model, ctl, inputs) -> tuple[list, list]:
+    """6 SGD steps (Adam would amplify reduction-order noise, as in test_fsdp); layer 0's kept heads
+    per step, and whether its heads not kept stayed bitwise unchanged."""
+    from torch.distributed.tensor import DTensor
+
+    full = lambda p: (p.full_tensor() if isinstance(p, DTensor) else p).detach()  # noqa: E731
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    ctl.attach(optimizer)
+    attention = model.stack.layers[0].self_attn
+    kept, frozen = [], []
+    for step in range(6):
+        heads = ctl.kept_indices["stack.layers.0.self_attn:heads"]
+        kept.append(heads)
+        before = _dropped_heads(attention, heads or range(4), full)
+        model(inputs(step)).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        frozen.append(all(torch.equal(b, a) for b, a in zip(before, _dropped_heads(attention, heads or range(4), full))))
+    return kept, frozen
+
+
+def _mha_batch(rank: int, step: int) -> torch.Tensor:
+    return torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1000 * rank + step))
+
+
+def _mha_fsdp_reference() -> tuple[TorchTransformer, raptr_fx.Controller]:
+    torch.manual_seed(0)
+    model = TorchTransformer(batch_first=True)
+    return model, transform(model, WidthRaPTr("0.5-0.75-1", total_steps=6), seed=4, example_inputs=features())
+
+
+def _fsdp_worker(rank: int, out_dir: str) -> dict:
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    model, ctl = _mha_fsdp_reference()
+    for layer in model.stack.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    kept, frozen = _mha_train(model, ctl, lambda step: _mha_batch(rank, step))
+    return {"kept": kept, "frozen": frozen, "sharded": all(isinstance(p, DTensor) for p in model.parameters()),
+            "final": [(p.full_tensor() if isinstance(p, DTensor) else p).detach().tolist() for p in model.parameters()]}
+
+
+@pytest.mark.slow
+def test_fsdp2_multihead_attention_head_cuts_match_a_single_process_run(tmp_path):
+    ranks = run_ranks(_fsdp_worker, tmp_path)
+    model, ctl = _mha_fsdp_reference()
+    kept, frozen = _mha_train(model, ctl, lambda step: torch.cat([_mha_batch(r, step) for r in range(2)]))
+    assert ranks[0]["kept"] == ranks[1]["kept"] == kept
+    assert [None if k is None else len(k) for k in kept] == [2, 2, 3, 3, None, None]
+    assert all(r["sharded"] for r in ranks) and all(frozen)
+    assert all(ranks[0]["frozen"]) and all(ranks[1]["frozen"]), "heads not kept moved under FSDP2"
+    for got, want in zip(ranks[0]["final"], model.parameters()):
+        torch.testing.assert_close(torch.tensor(got), want.detach(), rtol=1e-4, atol=1e-5)
