@@ -31,3 +31,28 @@ def test_every_variant_builds_and_steps():
                     Variant("built", fraction=0.5, **tiny), Variant("width", fraction=0.5, heads=2, **tiny),
                     Variant("built", fraction=0.5, heads=2, **tiny)]:
         warmed_step(variant)()
+
+
+def test_the_heads_case_cuts_the_forward_flops_to_the_model_built_with_half_the_heads():
+    """What the heads ratio compares: at f = 0.5 the cut runs the FLOPs of the model built with half the
+    heads (so the instruction gap is the cut's own work, not extra arithmetic)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import raptr_fx
+    from benchmarks.instructions import FOREVER, HEAD_DIM, HEADS, HEADS_BATCH, HEADS_DEPTH, SEQ, AttentionStack
+
+    def forward_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
+        with FlopCounterMode(display=False) as counter:
+            model(x)
+        return counter.get_total_flops()
+
+    torch.manual_seed(0)
+    x = torch.randn(HEADS_BATCH, SEQ, HEADS * HEAD_DIM)
+    full = AttentionStack(HEADS * HEAD_DIM, HEADS_DEPTH, HEADS, HEAD_DIM)
+    built = AttentionStack(HEADS * HEAD_DIM, HEADS_DEPTH, HEADS // 2, HEAD_DIM)
+    untransformed = forward_flops(full, x)
+    schedule = raptr_fx.WidthRaPTr([raptr_fx.Stage(FOREVER, width=0.5)], width_kinds=("heads",))
+    ctl = raptr_fx.transform(full, schedule, example_inputs=(x,))
+    assert len(ctl.width_groups) == HEADS_DEPTH
+    assert forward_flops(full, x) == forward_flops(built, x) < untransformed
