@@ -143,6 +143,8 @@ class GatedForward:
         self.index = index
         self.state = state
         self.scaled = scaled  # False: scaling is "none", so no arithmetic is emitted at all
+        # skipped()'s usual case: the unit returns its stream as is (nothing to build, no zeros to add)
+        self.skip_returns_stream = block.drop == "identity" and block.output_container == "tensor"
         self.slot = slot  # (parent, attribute) that holds ``module``: a wrapper put there later is followed
         # Read at every eager call: getattr on a module goes through nn.Module's __getattr__ hook.
         self.module_vars, self.parent_vars = vars(module), vars(slot[0])
@@ -239,11 +241,14 @@ class GatedForward:
         if self.parent_vars["_modules"].get(self.slot[1]) is not module or (
                 COMPILED_CALL in self.module_vars and self.place == "forward"):
             _moved_out_late(self)  # wrapped since the controller last looked: this call is already inside
-        # gated()'s kept, unscaled unit with its stream passed by position:
         state, index, position = self.state, self.index, self.block.stream_position
-        if (state.keep[index] and position is not None and len(args) > position
-                and (not self.scaled or state.scale[index] == 1.0)):
-            return self.original(*args, **kwargs)
+        if position is None or len(args) <= position:
+            return self.gated(args, kwargs, self.original)
+        if state.keep[index]:  # gated()'s kept, unscaled unit with its stream passed by position
+            if not self.scaled or state.scale[index] == 1.0:
+                return self.original(*args, **kwargs)
+        elif self.skip_returns_stream and not (_DISTRIBUTED_BUILD and dist.is_initialized()):
+            return args[position]  # skipped()'s: the stream itself (no zero gradients to give DDP)
         return self.gated(args, kwargs, self.original)
 
     def gated(self, args: tuple, kwargs: dict, forward: Callable[..., Any]) -> Any:

@@ -47,3 +47,25 @@ def run_ranks(worker: Callable[..., dict], tmp_path: Path, *args: Any) -> list[d
             pytest.fail(f"workers still running after {TIMEOUT_S} s (ranks {written} had written their "
                         "results): a collective or the shutdown hung")
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+def fsdp_width_report(model: Any, kept: list, frozen: list) -> dict:
+    """What an FSDP2 width worker returns: its kept parts and frozen checks per step, whether every
+    parameter is sharded, and the final parameters gathered whole."""
+    from torch.distributed.tensor import DTensor
+
+    return {"kept": kept, "frozen": frozen, "sharded": all(isinstance(p, DTensor) for p in model.parameters()),
+            "final": [(p.full_tensor() if isinstance(p, DTensor) else p).detach().tolist() for p in model.parameters()]}
+
+
+def assert_fsdp_width_run_matches(ranks: list[dict], model: Any, kept: list, frozen: list, parts: str) -> None:
+    """Both ranks' FSDP2 width runs (:func:`fsdp_width_report`) against the single-process run of
+    ``model``: the same kept parts, every parameter sharded, ``parts`` not kept unchanged, the same
+    final parameters (SGD: Adam would amplify reduction-order noise)."""
+    import torch
+
+    assert ranks[0]["kept"] == ranks[1]["kept"] == kept
+    assert all(r["sharded"] for r in ranks) and all(frozen)
+    assert all(ranks[0]["frozen"]) and all(ranks[1]["frozen"]), f"{parts} not kept moved under FSDP2"
+    for got, want in zip(ranks[0]["final"], model.parameters()):
+        torch.testing.assert_close(torch.tensor(got), want.detach(), rtol=1e-4, atol=1e-5)

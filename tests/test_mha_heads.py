@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import raptr_fx
 from raptr_fx import RaPTr, WidthRaPTr, find_width_groups, transform
-from tests.distributed import run_ranks
+from tests.distributed import assert_fsdp_width_run_matches, fsdp_width_report, run_ranks
 from tests.fixtures.models import MultiheadStack, TorchSeq2Seq, TorchTransformer, features
 
 MODELS = {  # name -> (model, its attention modules in the first unit)
@@ -364,15 +364,13 @@ def _mha_fsdp_reference() -> tuple[TorchTransformer, raptr_fx.Controller]:
 
 def _fsdp_worker(rank: int, out_dir: str) -> dict:
     from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import DTensor
 
     model, ctl = _mha_fsdp_reference()
     for layer in model.stack.layers:
         fully_shard(layer)
     fully_shard(model)
     kept, frozen = _mha_train(model, ctl, lambda step: _mha_batch(rank, step))
-    return {"kept": kept, "frozen": frozen, "sharded": all(isinstance(p, DTensor) for p in model.parameters()),
-            "final": [(p.full_tensor() if isinstance(p, DTensor) else p).detach().tolist() for p in model.parameters()]}
+    return fsdp_width_report(model, kept, frozen)
 
 
 @pytest.mark.slow
@@ -380,9 +378,5 @@ def test_fsdp2_multihead_attention_head_cuts_match_a_single_process_run(tmp_path
     ranks = run_ranks(_fsdp_worker, tmp_path)
     model, ctl = _mha_fsdp_reference()
     kept, frozen = _mha_train(model, ctl, lambda step: torch.cat([_mha_batch(r, step) for r in range(2)]))
-    assert ranks[0]["kept"] == ranks[1]["kept"] == kept
     assert [None if k is None else len(k) for k in kept] == [2, 2, 3, 3, None, None]
-    assert all(r["sharded"] for r in ranks) and all(frozen)
-    assert all(ranks[0]["frozen"]) and all(ranks[1]["frozen"]), "heads not kept moved under FSDP2"
-    for got, want in zip(ranks[0]["final"], model.parameters()):
-        torch.testing.assert_close(torch.tensor(got), want.detach(), rtol=1e-4, atol=1e-5)
+    assert_fsdp_width_run_matches(ranks, model, kept, frozen, "heads")

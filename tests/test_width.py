@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import raptr_fx
 from raptr_fx import RaPTr, RaptrError, Stage, WidthRaPTr, find_width_groups, transform
-from tests.distributed import run_ranks
+from tests.distributed import assert_fsdp_width_run_matches, fsdp_width_report, run_ranks
 from tests.fixtures.models import (GPT, FusedAttentionStack, GroupedExpandAttention, GroupedFusedAttention,
                                    GroupedRepeatAttention, HeadCountAttention, HeadScaledAttention,
                                    PerHeadFusedAttention, ResNet, SlicedGroupedAttention, ViT, features, images,
@@ -641,7 +641,6 @@ def _width_batch(rank: int, step: int) -> torch.Tensor:
 
 def _fsdp_worker(rank: int, out_dir: str) -> dict:
     from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import DTensor
 
     torch.manual_seed(0)
     model = GPT(n_layer=2)
@@ -650,8 +649,7 @@ def _fsdp_worker(rank: int, out_dir: str) -> dict:
         fully_shard(block)
     fully_shard(model)
     kept, frozen = _width_train(model, ctl, lambda step: _width_batch(rank, step))
-    return {"kept": kept, "frozen": frozen, "sharded": all(isinstance(p, DTensor) for p in model.parameters()),
-            "final": [(p.full_tensor() if isinstance(p, DTensor) else p).detach().tolist() for p in model.parameters()]}
+    return fsdp_width_report(model, kept, frozen)
 
 
 @pytest.mark.slow
@@ -661,11 +659,8 @@ def test_fsdp2_width_cuts_match_a_single_process_run(tmp_path):
     model = GPT(n_layer=2)
     ctl = transform(model, WidthRaPTr("0.5-0.75-1", total_steps=6), seed=4, example_inputs=tokens())
     kept, frozen = _width_train(model, ctl, lambda step: torch.cat([_width_batch(r, step) for r in range(2)]))
-    assert ranks[0]["kept"] == ranks[1]["kept"] == kept and kept[0] is not None
-    assert all(r["sharded"] for r in ranks) and all(frozen)
-    assert all(ranks[0]["frozen"]) and all(ranks[1]["frozen"]), "parts not kept moved under FSDP2"
-    for got, want in zip(ranks[0]["final"], model.parameters()):
-        torch.testing.assert_close(torch.tensor(got), want.detach(), rtol=1e-4, atol=1e-5)
+    assert kept[0] is not None
+    assert_fsdp_width_run_matches(ranks, model, kept, frozen, "parts")
 
 
 def test_moe_experts_refused_with_a_reason_shared_expert_and_heads_cut():
