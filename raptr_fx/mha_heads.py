@@ -117,9 +117,10 @@ def multihead_attention(module: nn.MultiheadAttention, in_weight: torch.Tensor, 
         weights = in_weight.chunk(3)
         biases = in_bias.chunk(3) if in_bias is not None else (None, None, None)
         q = F.linear(query, weights[0], biases[0])
-        if shared_kv:
-            kv_bias = None if in_bias is None else torch.cat(in_bias.chunk(3)[1:])
-            k, v = F.linear(key, torch.cat(weights[1:]), kv_bias).chunk(2, dim=-1)
+        if shared_kv:  # k and v from one projection: the last two thirds of the rows, a view
+            third = in_weight.shape[0] // 3
+            kv_bias = None if in_bias is None else in_bias[third:]
+            k, v = F.linear(key, in_weight[third:], kv_bias).chunk(2, dim=-1)
         else:
             k, v = F.linear(key, weights[1], biases[1]), F.linear(value, weights[2], biases[2])
     head_dim = module.head_dim
